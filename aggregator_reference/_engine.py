@@ -1,0 +1,365 @@
+"""The engine every backend shares: flusher thread, bounded output, shutdown, statistics.
+
+A backend is a :class:`Storage` plus a two-line subclass of :class:`BufferedAggregator`
+that names it; everything else in this module is written once, here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from types import TracebackType
+from typing import Any, ClassVar, Generic, TypeVar, cast
+
+from ._errors import AggregatorClosedError, ReentrantMergeError
+from ._output import Output
+from ._types import Merge, Stats, Storage
+
+__all__ = ["BufferedAggregator", "logger"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+logger = logging.getLogger("aggregator_reference")
+
+
+def _check_arguments(merge: object, flush_interval: object, max_pending: object, shards: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad constructor argument."""
+    if not callable(merge):
+        raise TypeError(f"merge must be callable, got {type(merge).__name__}")
+    if flush_interval is not None:
+        if isinstance(flush_interval, bool) or not isinstance(flush_interval, (int, float)):
+            raise TypeError(
+                f"flush_interval must be a number of seconds or None, got {type(flush_interval).__name__}"
+            )
+        if not (flush_interval > 0 and math.isfinite(flush_interval)):
+            raise ValueError(f"flush_interval must be > 0 seconds and finite, got {flush_interval!r}")
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int):
+        raise TypeError(f"max_pending must be an int, got {type(max_pending).__name__}")
+    if max_pending < 1:
+        raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+    if shards is not None:
+        if isinstance(shards, bool) or not isinstance(shards, int):
+            raise TypeError(f"shards must be an int or None, got {type(shards).__name__}")
+        if shards < 1 or shards & (shards - 1):
+            raise ValueError(f"shards must be a positive power of two, got {shards}")
+
+
+def _run_flusher(
+    ref: weakref.ref[BufferedAggregator[Any, Any]], stop: threading.Event, interval: float
+) -> None:
+    """Body of the flusher thread; holds the aggregator only weakly so it can be dropped."""
+    while not stop.wait(interval):
+        aggregator = ref()
+        if aggregator is None:
+            return
+        aggregator._tick()
+        del aggregator
+
+
+class BufferedAggregator(Generic[K, V]):
+    """The engine: an :class:`~aggregator_reference.Aggregator` over a backend's :class:`Storage`.
+
+    A backend subclasses it and sets :attr:`storage_class`; nothing else::
+
+        class MyAggregator(BufferedAggregator[K, V]):
+            storage_class = MyStorage
+
+    ``add`` is the storage's own bound method, so the hot path is one call deep.
+
+    Thread safety: every public method may be called from any thread.
+    ``_flush_lock`` is held for the whole of each flush, so at most one runs;
+    ``_state_lock`` guards the shutdown flags. Lock order: ``_flush_lock``,
+    then the storage's locks, then the output's. Counters other than the
+    storage's are written only with ``_flush_lock`` held (``_ticks_skipped``
+    only by the flusher thread).
+    """
+
+    storage_class: ClassVar[Callable[..., Storage[Any, Any]]]
+    add: Callable[[K, V], bool]
+
+    def __init__(
+        self,
+        merge: Merge[V],
+        *,
+        flush_interval: float | None = 1.0,
+        max_pending: int = 1024,
+        shards: int | None = None,
+    ) -> None:
+        """Build the buffer and start the flusher thread (unless ``flush_interval`` is ``None``).
+
+        Raises:
+            TypeError: an argument has the wrong type (the message names it).
+            ValueError: an argument is out of range (the message names it).
+        """
+        _check_arguments(merge, flush_interval, max_pending, shards)
+        self._closed = False
+        self._storage: Storage[K, V] = type(self).storage_class(merge, shards)
+        self.add = self._storage.add
+        self.merge = merge
+        self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self._output: Output[tuple[K, V]] = Output(max_pending)
+        # Guards _shutting_down and _closed.
+        self._state_lock = threading.Lock()
+        self._shutting_down = False
+        # Held for the whole of every flush: manual, periodic and shutdown's.
+        self._flush_lock = threading.Lock()
+        # Ident of the thread running a flush (set with _flush_lock held), to refuse re-entry.
+        self._flush_owner: int | None = None
+        self._flushed = self._requeued = self._flushes = 0
+        self._ticks_skipped = self._overflowed = self._flush_errors = 0
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if flush_interval is not None:
+            self._flusher = threading.Thread(
+                target=_run_flusher,
+                args=(weakref.ref(self), self._stop, flush_interval),
+                name=f"{type(self).__name__}-flusher",
+                daemon=True,
+            )
+            self._flusher.start()
+
+    # -- flushing -------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Hand every buffered record to the output; return how many were handed off.
+
+        Waits for a flush already running. Records that do not fit are
+        re-queued (FLUSH-2).
+
+        Raises:
+            AggregatorClosedError: ``shutdown()`` has begun.
+            ReentrantMergeError: called from inside this aggregator's ``merge``.
+        """
+        if self._shutting_down:
+            raise AggregatorClosedError("flush() called after shutdown() began")
+        if self._flush_owner == threading.get_ident():
+            raise ReentrantMergeError("flush() called from inside merge during a flush")
+        with self._flush_lock:
+            return self._flush_locked()[0]
+
+    def _tick(self) -> None:
+        """One periodic flush; skipped if a flush is running; never raises."""
+        if not self._flush_lock.acquire(blocking=False):
+            self._ticks_skipped += 1
+            logger.debug("%s: periodic flush skipped, a flush is still running", type(self).__name__)
+            return
+        try:
+            if not self._shutting_down:
+                self._flush_locked()
+        except Exception:
+            self._flush_errors += 1
+            logger.exception("%s: periodic flush failed; records stay buffered", type(self).__name__)
+        finally:
+            self._flush_lock.release()
+
+    def _flush_locked(self) -> tuple[int, int]:
+        """Detach, hand off, re-queue. Only called with ``_flush_lock`` held.
+
+        Returns ``(handed_off, requeued)``.
+        """
+        self._flush_owner = threading.get_ident()
+        handed = requeued = 0
+        try:
+            for chunk in self._storage.detach():
+                items = list(chunk.items())
+                taken = self._output.offer(items)
+                leftover = items[taken:] if taken < len(items) else []
+                failed = self._storage.requeue(chunk, leftover)
+                handed += taken
+                requeued += len(leftover) - len(failed)
+                if failed:
+                    self._deliver_unrequeueable(failed)
+                    handed += len(failed)
+        finally:
+            self._flush_owner = None
+            self._flushes += 1
+            self._flushed += handed
+            self._requeued += requeued
+        return handed, requeued
+
+    def _deliver_unrequeueable(self, failed: list[tuple[K, V]]) -> None:
+        """Deliver records the storage could not put back, past ``max_pending`` (never drop them)."""
+        self._output.force(failed)
+        self._overflowed += len(failed)
+        self._flush_errors += 1
+        logger.error(
+            "%s: %d record(s) could not be re-queued (merge or key hash/eq raised); "
+            "delivered past max_pending instead",
+            type(self).__name__,
+            len(failed),
+        )
+
+    # -- consuming ------------------------------------------------------------
+
+    def records(self) -> Iterator[tuple[K, V]]:
+        """Yield flushed records as they arrive; end once shut down and drained.
+
+        Blocks while the output is empty. Several consumers may iterate at
+        once; each record goes to exactly one of them.
+        """
+        output = self._output
+        while True:
+            ok, item = output.get()
+            if not ok:
+                return
+            yield cast("tuple[K, V]", item)
+
+    def drain(self, limit: int | None = None) -> list[tuple[K, V]]:
+        """Take up to ``limit`` records (all when ``None``) from the output now, without blocking.
+
+        Raises:
+            TypeError, ValueError: ``limit`` is not ``None`` or an int >= 0.
+        """
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int):
+                raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
+            if limit < 0:
+                raise ValueError(f"limit must be >= 0, got {limit}")
+        return self._output.take(limit)
+
+    @property
+    def pending(self) -> int:
+        """Records waiting in the output; stale as soon as it is read."""
+        return len(self._output)
+
+    # -- reading the buffer ----------------------------------------------------
+
+    def get(self, key: K, default: Any = None) -> Any:
+        """The buffered record for ``key``, or ``default``; see READ-1/READ-2 for flushes in progress.
+
+        Raises:
+            TypeError: ``key`` is unhashable.
+        """
+        return self._storage.get(key, default)
+
+    def snapshot(self) -> dict[K, V]:
+        """A new dict of the buffered records (the values themselves, not copies)."""
+        return self._storage.snapshot()
+
+    def __len__(self) -> int:
+        """How many keys are buffered; stale as soon as it returns."""
+        return len(self._storage)
+
+    @property
+    def shards(self) -> int:
+        """How many independently locked parts the buffer has."""
+        return self._storage.shards
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once ``shutdown()`` has completed."""
+        return self._closed
+
+    def stats(self) -> Stats:
+        """A snapshot of the counters; each may be a little stale under concurrent use."""
+        merges, stored = self._storage.counts()
+        return Stats(
+            adds=merges + stored,
+            merges=merges,
+            stored=stored,
+            flushed=self._flushed,
+            requeued=self._requeued,
+            flushes=self._flushes,
+            ticks_skipped=self._ticks_skipped,
+            overflowed=self._overflowed,
+            flush_errors=self._flush_errors,
+        )
+
+    # -- shutting down -----------------------------------------------------------
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the flusher, flush until the buffer is empty, then close the output.
+
+        Idempotent, and safe to call from several threads. Waits for the
+        consumers (without spinning) while the output is full.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first; nothing is lost,
+                ``add()`` stays refused, and a later ``shutdown()`` continues.
+            ReentrantMergeError: called from inside this aggregator's ``merge``.
+            ValueError: ``timeout`` is negative.
+        """
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        if self._flush_owner == threading.get_ident():
+            raise ReentrantMergeError("shutdown() called from inside merge during a flush")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._closed:
+            return
+        # First, so that a call from inside merge is refused before anything changes.
+        self._storage.close()
+        with self._state_lock:
+            self._shutting_down = True
+        self._stop.set()
+        flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(_remaining(deadline))
+            if flusher.is_alive():
+                raise TimeoutError("shutdown() timed out waiting for a running flush")
+        while True:
+            wait = _remaining(deadline)
+            if not self._flush_lock.acquire(timeout=-1 if wait is None else wait):
+                raise TimeoutError("shutdown() timed out waiting for a running flush")
+            try:
+                _, requeued = self._flush_locked()
+            finally:
+                self._flush_lock.release()
+            if not requeued and not len(self._storage):
+                break
+            if requeued and not self._output.wait_for_room(deadline):
+                raise TimeoutError(
+                    f"shutdown() timed out: the output is full ({self.pending} pending) "
+                    f"and {len(self._storage)} record(s) are still buffered; nothing was lost, "
+                    "drain the output and call shutdown() again"
+                )
+        self._output.close()
+        with self._state_lock:
+            self._closed = True
+
+    def __enter__(self) -> BufferedAggregator[K, V]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        if getattr(self, "_closed", True) or not hasattr(self, "_output"):
+            return
+        undelivered = len(self._storage) + len(self._output)
+        if undelivered:
+            warnings.warn(
+                f"{type(self).__name__} dropped with {undelivered} record(s) not delivered; "
+                "call shutdown() or use it as a context manager",
+                ResourceWarning,
+                source=self,
+                stacklevel=2,
+            )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("shutting down" if self._shutting_down else "open")
+        return (
+            f"<{type(self).__name__} {state} buffered={len(self)} pending={self.pending} "
+            f"shards={self.shards}>"
+        )
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (never negative), or ``None`` when there is none."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())

@@ -1,0 +1,31 @@
+"""Exceptions raised by aggregators and the backend registry.
+
+Every exception derives from :class:`AggregatorError`, and each subclass also
+inherits the builtin it refines, so ``except RuntimeError`` or
+``except LookupError`` keeps working for callers that do not know this library.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AggregatorClosedError",
+    "AggregatorError",
+    "BackendNotFoundError",
+    "ReentrantMergeError",
+]
+
+
+class AggregatorError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class AggregatorClosedError(AggregatorError, RuntimeError):
+    """Raised by ``add()`` and ``flush()`` once ``shutdown()`` has begun."""
+
+
+class ReentrantMergeError(AggregatorError, RuntimeError):
+    """Raised when ``merge`` calls ``add``, ``flush`` or ``shutdown`` of the aggregator that is calling it."""
+
+
+class BackendNotFoundError(AggregatorError, LookupError):
+    """Raised when a backend name is not registered; the message lists the installed ones."""

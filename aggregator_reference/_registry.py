@@ -1,0 +1,169 @@
+"""Backend discovery through the ``aggregator_reference.backends`` entry-point group.
+
+Selection order for :func:`create`: the ``backend`` argument, then the
+``AGGREGATOR_BACKEND`` environment variable, then :func:`default_backend`.
+Plugins are imported only when used; one that fails to import is logged and
+skipped by :func:`default_backend`, and never breaks ``import aggregator_reference``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Hashable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, TypeVar
+
+from ._engine import logger
+from ._errors import BackendNotFoundError
+from ._types import Aggregator, Merge
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_VAR",
+    "backend_names",
+    "create",
+    "default_backend",
+    "explain_default_backend",
+    "gil_enabled",
+    "load_backend",
+]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+ENTRY_POINT_GROUP = "aggregator_reference.backends"
+ENV_VAR = "AGGREGATOR_BACKEND"
+
+#: Preferred backends on a GIL build, fastest first (see the README's table).
+GIL_PREFERENCE = ("sharded", "striped", "reference")
+#: Preferred backends when the GIL is disabled.
+NOGIL_PREFERENCE = ("freethreaded", "sharded", "striped", "reference")
+
+# Guards _loaded.
+_lock = threading.Lock()
+_loaded: dict[str, type[Any]] = {}
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found and found[ep.name].value != ep.value:
+            logger.warning(
+                "backend %r is registered twice (%s and %s); using the first",
+                ep.name,
+                found[ep.name].value,
+                ep.value,
+            )
+            continue
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def backend_names() -> list[str]:
+    """The names of every registered backend, sorted; none is imported."""
+    return sorted(_entry_points())
+
+
+def load_backend(name: str) -> type[Any]:
+    """Import and return the backend class registered as ``name``.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        BackendNotFoundError: no such backend, or it failed to import (the
+            message lists the installed backends and how to add one).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+    available = _entry_points()
+    ep = available.get(name)
+    if ep is None:
+        raise BackendNotFoundError(
+            f"no aggregator backend named {name!r}; installed: {', '.join(sorted(available)) or 'none'}. "
+            f"A backend is a package registering 'NAME = \"module:Class\"' in the "
+            f"{ENTRY_POINT_GROUP!r} entry-point group; install it (pip install ...) and retry."
+        )
+    try:
+        cls = ep.load()
+    except Exception as exc:
+        raise BackendNotFoundError(
+            f"aggregator backend {name!r} ({ep.value}) is installed but failed to import: "
+            f"{type(exc).__name__}: {exc}; installed: {', '.join(sorted(available))}"
+        ) from exc
+    if not isinstance(cls, type):
+        raise BackendNotFoundError(f"aggregator backend {name!r} ({ep.value}) is not a class")
+    with _lock:
+        _loaded[name] = cls
+    return cls
+
+
+def gil_enabled() -> bool:
+    """Whether this interpreter runs with the GIL right now (asked at run time, never assumed)."""
+    check = getattr(sys, "_is_gil_enabled", None)
+    return True if check is None else bool(check())
+
+
+def explain_default_backend() -> tuple[str, str]:
+    """``(name, reason)``: the backend :func:`default_backend` picks and why."""
+    preference = GIL_PREFERENCE if gil_enabled() else NOGIL_PREFERENCE
+    mode = "the GIL is enabled" if gil_enabled() else "the GIL is disabled (free-threaded build)"
+    installed = _entry_points()
+    passed_over: list[str] = []
+    for name in preference:
+        if name not in installed:
+            passed_over.append(f"{name} not installed")
+            continue
+        try:
+            load_backend(name)
+        except BackendNotFoundError as exc:
+            logger.warning("skipping backend %r: %s", name, exc)
+            passed_over.append(f"{name} failed to import")
+            continue
+        note = "; ".join(passed_over) if passed_over else "first choice"
+        return name, f"{mode}; order {' > '.join(preference)}; {note}"
+    raise BackendNotFoundError(
+        f"none of the backends {', '.join(preference)} is installed and importable; "
+        "reinstall aggregator-reference"
+    )
+
+
+def default_backend() -> str:
+    """The backend :func:`create` uses when neither ``backend=`` nor ``AGGREGATOR_BACKEND`` says.
+
+    On a free-threaded interpreter with the GIL disabled this is ``freethreaded``;
+    otherwise the fastest backend on a GIL build (see the README).
+
+    Raises:
+        BackendNotFoundError: none of the preferred backends can be imported.
+    """
+    return explain_default_backend()[0]
+
+
+def create(
+    merge: Merge[V],
+    *,
+    backend: str | None = None,
+    flush_interval: float | None = 1.0,
+    max_pending: int = 1024,
+    shards: int | None = None,
+) -> Aggregator[Any, V]:
+    """Create an aggregator that combines values per key with ``merge(stored, incoming)``.
+
+    ``backend=None`` means ``$AGGREGATOR_BACKEND`` if set, else :func:`default_backend`.
+    ``flush_interval=None`` turns the background flusher off (call ``flush()``).
+
+    Raises:
+        TypeError, ValueError: an argument is invalid (the message names it).
+        BackendNotFoundError: the backend is not installed (the message lists those that are).
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or default_backend()
+    cls = load_backend(backend)
+    aggregator: Aggregator[Any, V] = cls(
+        merge, flush_interval=flush_interval, max_pending=max_pending, shards=shards
+    )
+    return aggregator

@@ -1,0 +1,179 @@
+"""Keys and adding: KEY-1, ADD-1 … ADD-6."""
+
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Any
+
+import pytest
+
+from .conftest import Factory, run_threads
+
+
+@pytest.mark.clause("ADD-1", "ADD-2")
+def test_add_stores_then_merges(make: Factory) -> None:
+    agg = make(operator.add)
+    assert agg.add("a", 1) is False
+    assert agg.add("a", 2) is True
+    assert agg.add("b", 5) is False
+    assert agg.snapshot() == {"a": 3, "b": 5}
+
+
+@pytest.mark.clause("ADD-1")
+def test_merge_receives_stored_then_incoming(make: Factory) -> None:
+    calls: list[tuple[Any, Any]] = []
+
+    def merge(stored: Any, incoming: Any) -> Any:
+        calls.append((stored, incoming))
+        return stored + incoming
+
+    agg = make(merge)
+    agg.add("k", "x")
+    agg.add("k", "y")
+    agg.add("k", "z")
+    assert calls == [("x", "y"), ("xy", "z")]
+    assert agg.get("k") == "xyz"
+
+
+@pytest.mark.clause("KEY-1")
+def test_numeric_keys_equal_as_dict_keys_are_one_key(make: Factory) -> None:
+    agg = make(operator.add)
+    for key in (1, 1.0, True):
+        agg.add(key, 1)
+    for key in (0.0, -0.0, 0, False):
+        agg.add(key, 10)
+    snap = agg.snapshot()
+    assert snap == {1: 3, 0: 40}
+    assert len(agg) == 2
+    # The key kept is the one that created the record.
+    assert sorted(map(repr, snap)) == ["0.0", "1"]
+    agg.flush()
+    assert sorted(repr(k) for k, _ in agg.drain()) == ["0.0", "1"]
+
+
+@pytest.mark.clause("KEY-1")
+def test_nan_keys_are_only_themselves(make: Factory) -> None:
+    agg = make(operator.add)
+    nan = float("nan")
+    agg.add(nan, 1)
+    agg.add(nan, 1)
+    agg.add(float("nan"), 1)
+    assert len(agg) == 2
+    assert agg.get(nan) == 2
+
+
+@pytest.mark.clause("ADD-3")
+@pytest.mark.parametrize("key", [[1], {"a": 1}, {1, 2}])
+def test_unhashable_key_raises_type_error_and_stores_nothing(make: Factory, key: Any) -> None:
+    agg = make(operator.add)
+    agg.add("kept", 1)
+    before = agg.stats()
+    with pytest.raises(TypeError):
+        agg.add(key, 1)
+    assert agg.snapshot() == {"kept": 1}
+    assert agg.stats() == before
+
+
+@pytest.mark.clause("ADD-4")
+def test_merge_that_raises_propagates_and_keeps_the_record(make: Factory) -> None:
+    class Boom(Exception):
+        pass
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming < 0:
+            raise Boom("negative")
+        return stored + incoming
+
+    agg = make(merge)
+    agg.add("k", 1)
+    before = agg.stats()
+    with pytest.raises(Boom):
+        agg.add("k", -1)
+    assert agg.get("k") == 1
+    assert agg.stats() == before
+    assert agg.add("k", 2) is True
+    assert agg.get("k") == 3
+
+
+@pytest.mark.clause("ADD-5")
+def test_older_data_is_the_left_argument_within_a_thread(make: Factory) -> None:
+    agg = make(operator.add)
+
+    def write(index: int) -> None:
+        for i in range(300):
+            agg.add(index % 3, ((index, i),))
+
+    run_threads(6, write)
+    agg.flush()
+    for key, value in agg.drain():
+        by_thread: dict[int, list[int]] = {}
+        for thread, i in value:
+            by_thread.setdefault(thread, []).append(i)
+        for thread, seen in by_thread.items():
+            assert thread % 3 == key
+            assert seen == list(range(300)), f"thread {thread}'s values out of order"
+
+
+@pytest.mark.clause("ADD-5")
+def test_merges_of_one_key_never_overlap(make: Factory) -> None:
+    inside: dict[Any, int] = {}
+    overlaps: list[Any] = []
+    guard = threading.Lock()
+
+    def merge(stored: int, incoming: int) -> int:
+        key = incoming
+        with guard:
+            inside[key] = inside.get(key, 0) + 1
+            if inside[key] > 1:
+                overlaps.append(key)
+        total = 0
+        for i in range(50):  # give other threads a chance to run
+            total += i
+        with guard:
+            inside[key] -= 1
+        return stored
+
+    agg = make(merge)
+
+    def write(index: int) -> None:
+        for _ in range(200):
+            agg.add(index % 4, index % 4)
+
+    run_threads(8, write)
+    assert overlaps == []
+
+
+@pytest.mark.clause("ADD-6")
+def test_merge_may_mutate_its_first_argument(make: Factory) -> None:
+    def merge(stored: list[int], incoming: list[int]) -> list[int]:
+        stored.extend(incoming)
+        return stored
+
+    agg = make(merge, max_pending=2)
+    agg.add("a", [1])
+    agg.add("a", [2])
+    agg.add("b", [3])
+    agg.add("c", [4])
+    assert agg.flush() == 2  # one record stays behind and is re-queued
+    agg.add("a", [5])
+    agg.add("b", [6])
+    agg.add("c", [7])
+    delivered: dict[str, list[int]] = {}
+    while len(agg):
+        for key, value in agg.drain():
+            delivered.setdefault(key, []).extend(value)
+        agg.flush()
+    for key, value in agg.drain():
+        delivered.setdefault(key, []).extend(value)
+    assert delivered == {"a": [1, 2, 5], "b": [3, 6], "c": [4, 7]}
+
+
+@pytest.mark.clause("ADD-6")
+def test_right_argument_is_not_kept(make: Factory) -> None:
+    agg = make(lambda stored, incoming: stored + incoming)
+    first, second = [1], [2]
+    agg.add("k", first)
+    agg.add("k", second)
+    second.append(99)
+    assert agg.get("k") == [1, 2]

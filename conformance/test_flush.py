@@ -1,0 +1,216 @@
+"""Flushing: FLUSH-1 … FLUSH-5."""
+
+from __future__ import annotations
+
+import logging
+import operator
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from .conftest import Factory, run_threads, shutdown_collecting
+
+
+@pytest.mark.clause("FLUSH-1")
+def test_flush_hands_every_record_to_the_output(make: Factory) -> None:
+    agg = make(operator.add)
+    for i in range(10):
+        agg.add(i, i)
+        agg.add(i, 1)
+    assert agg.flush() == 10
+    assert len(agg) == 0
+    assert agg.snapshot() == {}
+    assert sorted(agg.drain()) == [(i, i + 1) for i in range(10)]
+    assert agg.flush() == 0
+
+
+@pytest.mark.clause("FLUSH-1", "STAT-1")
+def test_flush_counts(make: Factory) -> None:
+    agg = make(operator.add)
+    agg.add("a", 1)
+    agg.add("a", 1)
+    agg.add("b", 1)
+    agg.flush()
+    agg.flush()
+    stats = agg.stats()
+    assert (stats.adds, stats.merges, stats.stored) == (3, 1, 2)
+    assert (stats.flushed, stats.requeued, stats.flushes) == (2, 0, 2)
+
+
+@pytest.mark.clause("FLUSH-2")
+def test_records_that_do_not_fit_are_requeued(make: Factory) -> None:
+    agg = make(operator.add, max_pending=3)
+    for i in range(10):
+        agg.add(i, 1)
+    assert agg.flush() == 3
+    assert agg.pending == 3
+    assert len(agg) == 7
+    assert agg.stats().requeued == 7
+    assert agg.flush() == 0  # still full: nothing moves, nothing is lost
+    assert len(agg) == 7
+    delivered = dict(agg.drain())
+    while len(agg):
+        agg.flush()
+        delivered.update(agg.drain())
+    assert delivered == dict.fromkeys(range(10), 1)
+
+
+@pytest.mark.clause("FLUSH-2")
+def test_requeue_merges_older_first_with_newer_data() -> None:
+    # Whitebox through the public Storage protocol: newer data arrives between
+    # detach and requeue, as it does when writers race a flush.
+    import aggregator_reference as ar
+
+    for name in ar.backend_names():
+        cls = ar.load_backend(name)
+        storage = cls.storage_class(operator.add, None)
+        storage.add("k", "old-")
+        chunks = storage.detach()
+        storage.add("k", "new")
+        for chunk in chunks:
+            assert storage.requeue(chunk, list(chunk.items())) == []
+        assert storage.snapshot() == {"k": "old-new"}, name
+
+
+@pytest.mark.clause("FLUSH-2", "CLOSE-5")
+def test_writers_racing_flushes_with_a_full_output_lose_nothing(make: Factory) -> None:
+    agg = make(operator.add, max_pending=5)
+    delivered: dict[int, int] = {}
+    done = threading.Event()
+
+    def flusher() -> None:
+        while not done.is_set():
+            agg.flush()
+            for key, value in agg.drain(3):
+                delivered[key] = delivered.get(key, 0) + value
+
+    thread = threading.Thread(target=flusher)
+    thread.start()
+    try:
+        run_threads(4, lambda index: [agg.add(i % 20, 1) for i in range(2000)])
+    finally:
+        done.set()
+        thread.join(30)
+    shutdown_collecting(agg, into=delivered)
+    assert delivered == dict.fromkeys(range(20), 400)
+    assert agg.stats().requeued > 0
+
+
+@pytest.mark.clause("FLUSH-3")
+def test_background_flusher_flushes_periodically(make: Factory) -> None:
+    agg = make(operator.add, flush_interval=0.01)
+    agg.add("a", 1)
+    iterator = agg.records()
+    assert next(iterator) == ("a", 1)  # arrives without any flush() call
+    assert agg.stats().flushes >= 1
+
+
+@pytest.mark.clause("FLUSH-3")
+def test_no_background_flusher_when_interval_is_none(make: Factory) -> None:
+    agg = make(operator.add, flush_interval=None)
+    agg.add("a", 1)
+    time.sleep(0.05)
+    assert agg.stats().flushes == 0
+    assert agg.pending == 0
+    assert agg.get("a") == 1
+
+
+class GatedKey:
+    """A key whose ``__hash__`` can be made to block or raise, to stall or break a flush."""
+
+    block_in: threading.Thread | None = None
+    raising = False
+
+    def __init__(self, name: str, entered: threading.Event, release: threading.Event) -> None:
+        self.name, self.entered, self.release = name, entered, release
+
+    def __hash__(self) -> int:
+        if GatedKey.raising:
+            raise RuntimeError(f"hash of {self.name} failed")
+        if GatedKey.block_in is threading.current_thread():
+            self.entered.set()
+            self.release.wait(30)
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GatedKey) and other.name == self.name
+
+    def __repr__(self) -> str:
+        return f"GatedKey({self.name!r})"
+
+
+@pytest.fixture
+def gates() -> Any:
+    entered, release = threading.Event(), threading.Event()
+    yield entered, release
+    release.set()
+    GatedKey.block_in = None
+    GatedKey.raising = False
+
+
+@pytest.mark.clause("FLUSH-4")
+def test_periodic_tick_is_skipped_while_a_flush_runs(
+    make: Factory, caplog: pytest.LogCaptureFixture, gates: Any
+) -> None:
+    entered, release = gates
+    caplog.set_level(logging.DEBUG, logger="aggregator_reference")
+    agg = make(operator.add, flush_interval=0.002, max_pending=1)
+    agg.add(GatedKey("first", entered, release), 1)
+    agg.add(GatedKey("second", entered, release), 1)
+    # One record reaches the output, which is then full; the other stays buffered,
+    # so every later flush re-queues it and hashes its key.
+    stalled = threading.Thread(target=agg.flush, daemon=True)
+    GatedKey.block_in = stalled
+    stalled.start()
+    assert entered.wait(10), "the manual flush never re-queued the key"
+    deadline = time.monotonic() + 10
+    while agg.stats().ticks_skipped == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    skipped = agg.stats().ticks_skipped
+    release.set()
+    stalled.join(10)
+    assert skipped > 0
+    assert any("skipped" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+
+
+@pytest.mark.clause("FLUSH-4")
+def test_manual_flushes_never_overlap(make: Factory) -> None:
+    agg = make(operator.add, flush_interval=0.001)
+    run_threads(4, lambda index: [agg.add(i, 1) or agg.flush() for i in range(300)])
+    delivered = shutdown_collecting(agg)
+    assert delivered == dict.fromkeys(range(300), 4)
+    stats = agg.stats()
+    assert stats.adds == 1200
+    assert stats.flushes >= 1200  # every manual flush ran, one after another
+
+
+@pytest.mark.clause("FLUSH-5", "OUT-1")
+def test_flusher_errors_are_logged_and_records_overflow_instead_of_dropping(
+    make: Factory, caplog: pytest.LogCaptureFixture, gates: Any
+) -> None:
+    entered, release = gates
+    agg = make(operator.add, max_pending=1, flush_interval=0.002)
+    agg.add("good", 1)
+    consumer = agg.records()
+    assert next(consumer) == ("good", 1)
+    agg.add("blocker", 1)
+    deadline = time.monotonic() + 10
+    while agg.pending == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert agg.pending == 1  # the output is full now
+    bad = [GatedKey(f"bad{i}", entered, release) for i in range(3)]
+    for key in bad:
+        agg.add(key, 1)
+    GatedKey.raising = True
+    while agg.stats().overflowed < 3 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    GatedKey.raising = False
+    assert agg.stats().overflowed == 3
+    assert agg.pending == 4  # past max_pending rather than lost
+    assert any(r.levelno >= logging.ERROR for r in caplog.records)
+    got = {next(consumer) for _ in range(4)}
+    assert got == {("blocker", 1), *((key, 1) for key in bad)}
+    agg.add("later", 1)  # the flusher keeps working
+    assert next(consumer) == ("later", 1)

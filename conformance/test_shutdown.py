@@ -1,0 +1,164 @@
+"""Shutting down and zero loss: CLOSE-1 … CLOSE-5, LIFE-1."""
+
+from __future__ import annotations
+
+import gc
+import operator
+import threading
+import time
+import warnings
+from typing import Any
+
+import pytest
+
+import aggregator_reference as ar
+
+from .conftest import Factory, fold_records, run_threads, shutdown_collecting
+
+
+@pytest.mark.clause("CLOSE-1")
+def test_shutdown_flushes_everything_then_closes(make: Factory) -> None:
+    agg = make(operator.add, flush_interval=10)
+    for i in range(10):
+        agg.add(i, 1)
+    assert not agg.closed
+    agg.shutdown()
+    assert agg.closed
+    assert len(agg) == 0
+    assert sorted(agg.records()) == [(i, 1) for i in range(10)]
+
+
+@pytest.mark.clause("CLOSE-1")
+def test_shutdown_waits_for_a_slow_consumer(make: Factory) -> None:
+    agg = make(operator.add, max_pending=2)
+    for i in range(50):
+        agg.add(i, 1)
+    got: list[tuple[int, int]] = []
+
+    def consume() -> None:
+        for record in agg.records():
+            got.append(record)
+            time.sleep(0.001)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    agg.shutdown(timeout=30)
+    consumer.join(10)
+    assert sorted(got) == [(i, 1) for i in range(50)]
+
+
+@pytest.mark.clause("CLOSE-2")
+def test_add_and_flush_after_shutdown_raise(make: Factory) -> None:
+    agg = make(operator.add)
+    agg.add("a", 1)
+    agg.shutdown()
+    with pytest.raises(ar.AggregatorClosedError):
+        agg.add("a", 1)
+    with pytest.raises(RuntimeError):  # AggregatorClosedError is a RuntimeError
+        agg.add("b", 1)
+    with pytest.raises(ar.AggregatorClosedError):
+        agg.flush()
+    assert agg.drain() == [("a", 1)]
+
+
+@pytest.mark.clause("CLOSE-2", "CLOSE-5")
+def test_writers_racing_shutdown_are_delivered_or_refused(make: Factory) -> None:
+    agg = make(operator.add, flush_interval=0.001, max_pending=16)
+    accepted = [0] * 8
+    refused = [0] * 8
+    delivered: dict[str, int] = {}
+    consumer = threading.Thread(target=fold_records, args=(agg, delivered))
+    consumer.start()
+
+    def write(index: int) -> None:
+        for _ in range(20000):
+            try:
+                agg.add(f"k{index % 3}", 1)
+            except ar.AggregatorClosedError:
+                refused[index] += 1
+                return
+            accepted[index] += 1
+
+    def stop(_: int) -> None:
+        time.sleep(0.02)
+        agg.shutdown(timeout=30)
+
+    run_threads(9, lambda index: write(index) if index < 8 else stop(index))
+    consumer.join(10)
+    assert sum(delivered.values()) == sum(accepted)
+    assert agg.stats().adds == sum(accepted)
+
+
+@pytest.mark.clause("CLOSE-3")
+def test_shutdown_is_idempotent_and_concurrent(make: Factory) -> None:
+    agg = make(operator.add, max_pending=1)
+    for i in range(20):
+        agg.add(i, 1)
+    consumer_got: list[tuple[int, int]] = []
+    consumer = threading.Thread(target=lambda: consumer_got.extend(agg.records()))
+    consumer.start()
+    run_threads(4, lambda _: agg.shutdown(timeout=30))
+    agg.shutdown()
+    consumer.join(10)
+    assert agg.closed
+    assert sorted(consumer_got) == [(i, 1) for i in range(20)]
+
+
+@pytest.mark.clause("CLOSE-3")
+def test_context_manager_shuts_down(backend_name: str) -> None:
+    with ar.create(operator.add, backend=backend_name, flush_interval=None) as agg:
+        agg.add("a", 1)
+    assert agg.closed
+    assert agg.drain() == [("a", 1)]
+
+
+@pytest.mark.clause("CLOSE-4")
+def test_shutdown_timeout_with_a_stalled_consumer_loses_nothing(make: Factory) -> None:
+    agg = make(operator.add, max_pending=2)
+    for i in range(10):
+        agg.add(i, 1)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        agg.shutdown(timeout=0.1)
+    assert time.monotonic() - started < 10
+    assert not agg.closed
+    assert agg.pending == 2
+    assert len(agg) == 8
+    with pytest.raises(ar.AggregatorClosedError):
+        agg.add("late", 1)
+    delivered = shutdown_collecting(agg)  # later shutdowns continue
+    assert delivered == dict.fromkeys(range(10), 1)
+    assert agg.closed
+
+
+@pytest.mark.clause("CLOSE-4")
+def test_shutdown_rejects_negative_timeout(make: Factory) -> None:
+    agg = make(operator.add)
+    with pytest.raises(ValueError, match="timeout"):
+        agg.shutdown(timeout=-1)
+    assert not agg.closed
+
+
+@pytest.mark.clause("LIFE-1")
+def test_dropping_an_unshut_aggregator_with_records_warns(backend_name: str) -> None:
+    agg: Any = ar.create(operator.add, backend=backend_name, flush_interval=0.05)
+    agg.add("lost?", 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del agg
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
+
+
+@pytest.mark.clause("LIFE-1")
+def test_dropping_a_shut_down_aggregator_is_silent(backend_name: str) -> None:
+    agg: Any = ar.create(operator.add, backend=backend_name, flush_interval=0.05)
+    agg.add("a", 1)
+    agg.shutdown()
+    thread_count = threading.active_count()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del agg
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert threading.active_count() <= thread_count
