@@ -147,15 +147,15 @@ class BufferedAggregator(Generic[K, V]):
     def _tick(self) -> None:
         """One periodic flush; skipped if a flush is running; never raises."""
         if not self._flush_lock.acquire(blocking=False):
-            self._ticks_skipped += 1
             logger.debug("%s: periodic flush skipped, a flush is still running", type(self).__name__)
+            self._ticks_skipped += 1
             return
         try:
             if not self._shutting_down:
                 self._flush_locked()
         except Exception:
-            self._flush_errors += 1
             logger.exception("%s: periodic flush failed; records stay buffered", type(self).__name__)
+            self._flush_errors += 1
         finally:
             self._flush_lock.release()
 
@@ -187,14 +187,14 @@ class BufferedAggregator(Generic[K, V]):
     def _deliver_unrequeueable(self, failed: list[tuple[K, V]]) -> None:
         """Deliver records the storage could not put back, past ``max_pending`` (never drop them)."""
         self._output.force(failed)
-        self._overflowed += len(failed)
-        self._flush_errors += 1
         logger.error(
             "%s: %d record(s) could not be re-queued (merge or key hash/eq raised); "
             "delivered past max_pending instead",
             type(self).__name__,
             len(failed),
         )
+        self._flush_errors += 1
+        self._overflowed += len(failed)
 
     # -- consuming ------------------------------------------------------------
 

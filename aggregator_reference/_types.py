@@ -155,7 +155,10 @@ class Storage(Protocol[K, V]):
     engine never runs ``detach``/``requeue`` of two flushes at once.
     """
 
-    shards: int
+    @property
+    def shards(self) -> int:
+        """How many independently locked parts the storage has (an attribute will do)."""
+        ...
 
     def add(self, key: K, value: V, /) -> bool:
         """As :meth:`Aggregator.add`; the engine binds it directly as the aggregator's ``add``.

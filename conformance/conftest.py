@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +77,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         unknown = sorted(set(cited) - known)
         if unknown:
             raise pytest.UsageError(f"{item.nodeid} cites clauses not in CONTRACT.md: {unknown}")
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    """On GIL builds, switch threads far more often so that races show (py-free-threading guide)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(previous)
 
 
 def shutdown_collecting(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Factory, run_threads
+from .conftest import Factory, run_threads, shutdown_collecting
 
 
 @pytest.mark.clause("ADD-1", "ADD-2")
@@ -116,32 +116,32 @@ def test_older_data_is_the_left_argument_within_a_thread(make: Factory) -> None:
 
 
 @pytest.mark.clause("ADD-5")
-def test_merges_of_one_key_never_overlap(make: Factory) -> None:
-    inside: dict[Any, int] = {}
-    overlaps: list[Any] = []
+def test_merges_into_one_record_never_overlap(make: Factory, fast_switching: None) -> None:
+    inside: dict[int, int] = {}  # id(stored record) -> merges running on it
+    overlaps: list[int] = []
     guard = threading.Lock()
 
-    def merge(stored: int, incoming: int) -> int:
-        key = incoming
+    def merge(stored: list[int], incoming: list[int]) -> list[int]:
         with guard:
-            inside[key] = inside.get(key, 0) + 1
-            if inside[key] > 1:
-                overlaps.append(key)
-        total = 0
-        for i in range(50):  # give other threads a chance to run
-            total += i
+            inside[id(stored)] = inside.get(id(stored), 0) + 1
+            if inside[id(stored)] > 1:
+                overlaps.append(id(stored))
+        for value in incoming:  # take a while, in place, so overlaps would show
+            stored.append(value)
         with guard:
-            inside[key] -= 1
+            inside[id(stored)] -= 1
         return stored
 
     agg = make(merge)
 
     def write(index: int) -> None:
-        for _ in range(200):
-            agg.add(index % 4, index % 4)
+        for i in range(300):
+            agg.add(index % 4, [index, i])
 
     run_threads(8, write)
     assert overlaps == []
+    delivered = shutdown_collecting(agg, merge)
+    assert sorted(len(values) for values in delivered.values()) == [1200] * 4
 
 
 @pytest.mark.clause("ADD-6")

@@ -36,6 +36,7 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
 def test_bad_arguments_name_the_argument(
     backend_name: str, arguments: dict[str, Any], error: type[Exception], name: str
 ) -> None:
+    arguments = dict(arguments)
     merge = arguments.pop("merge", operator.add)
     with pytest.raises(error, match=name):
         ar.create(merge, backend=backend_name, **arguments)

@@ -178,7 +178,13 @@ def test_periodic_tick_is_skipped_while_a_flush_runs(
 @pytest.mark.clause("FLUSH-4")
 def test_manual_flushes_never_overlap(make: Factory) -> None:
     agg = make(operator.add, flush_interval=0.001)
-    run_threads(4, lambda index: [agg.add(i, 1) or agg.flush() for i in range(300)])
+
+    def add_and_flush(index: int) -> None:
+        for i in range(300):
+            agg.add(i, 1)
+            agg.flush()
+
+    run_threads(4, add_and_flush)
     delivered = shutdown_collecting(agg)
     assert delivered == dict.fromkeys(range(300), 4)
     stats = agg.stats()

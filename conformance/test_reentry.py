@@ -10,11 +10,10 @@ import pytest
 
 import aggregator_reference as ar
 
-from .conftest import Factory
+from .conftest import Factory, shutdown_collecting
 
 CALLS: dict[str, Callable[[Any], Any]] = {
     "add same key": lambda agg: agg.add("k", 100),
-    "add other key": lambda agg: agg.add("other", 100),
     "flush": lambda agg: agg.flush(),
     "shutdown": lambda agg: agg.shutdown(timeout=1),
 }
@@ -50,10 +49,14 @@ def test_mutating_calls_from_merge_raise(make: Factory, call: str) -> None:
         return stored + incoming
 
     agg = holder["agg"] = make(merge)
-    agg.add("k", 1)
-    agg.add("other", 1)
-    with pytest.raises(ar.ReentrantMergeError):
-        run_with_timeout(lambda: agg.add("k", 2))
+
+    def body() -> None:  # one thread, so that "k" has one record that add() merges into
+        agg.add("k", 1)
+        agg.add("other", 1)
+        with pytest.raises(ar.ReentrantMergeError):
+            agg.add("k", 2)
+
+    run_with_timeout(body)
     assert agg.snapshot() == {"k": 1, "other": 1}
     # Nothing was left half-done: the aggregator still adds, flushes and shuts down.
     assert not agg.closed
@@ -63,20 +66,56 @@ def test_mutating_calls_from_merge_raise(make: Factory, call: str) -> None:
     assert sorted(agg.drain()) == [("k", 6), ("other", 1)]
 
 
+READS: dict[str, Callable[[Any], Any]] = {
+    "get": lambda agg: agg.get("k"),
+    "len": len,
+    "snapshot": lambda agg: agg.snapshot(),
+}
+
+
 @pytest.mark.clause("REENTRY-1")
-def test_reads_from_merge_are_allowed(make: Factory) -> None:
+def test_adding_another_key_from_merge_works_or_raises(make: Factory) -> None:
+    holder: dict[str, Any] = {}
+    outcome: list[Any] = []
+
+    def merge(stored: int, incoming: int) -> int:
+        try:
+            outcome.append(holder["agg"].add("other", 10))
+        except ar.ReentrantMergeError:
+            outcome.append("refused")
+        return stored + incoming
+
+    agg = holder["agg"] = make(merge)
+
+    def body() -> None:
+        agg.add("k", 1)
+        agg.add("k", 2)
+
+    run_with_timeout(body)
+    assert outcome in ([False], ["refused"])
+    expected = {"k": 3, "other": 10} if outcome == [False] else {"k": 3}
+    assert shutdown_collecting(agg) == expected
+
+
+@pytest.mark.clause("REENTRY-1")
+@pytest.mark.parametrize("read", sorted(READS))
+def test_reads_from_merge_answer_or_raise_but_never_deadlock(make: Factory, read: str) -> None:
     holder: dict[str, Any] = {}
     seen: list[Any] = []
 
     def merge(stored: int, incoming: int) -> int:
         agg = holder["agg"]
-        seen.append((agg.get("k"), len(agg), dict(agg.snapshot()), agg.pending, agg.stats().adds))
+        seen.append((agg.pending, agg.stats().adds))  # always allowed
+        try:
+            seen.append(READS[read](agg))
+        except ar.ReentrantMergeError:
+            seen.append("refused")
         return stored + incoming
 
     agg = holder["agg"] = make(merge)
-    agg.add("k", 1)
-    assert run_with_timeout(lambda: agg.add("k", 2)) is True
-    assert seen == [(1, 1, {"k": 1}, 0, 1)]
+    assert run_with_timeout(lambda: (agg.add("k", 1), agg.add("k", 2))) == (False, True)
+    outside = {"get": 1, "len": 1, "snapshot": {"k": 1}}[read]
+    assert seen in ([(0, 1), outside], [(0, 1), "refused"])
     assert agg.get("k") == 3
 
 
@@ -93,7 +132,7 @@ def test_calls_from_a_requeue_merge_raise_and_the_record_is_kept(backend_name: s
 
     def merge(stored: int, incoming: int) -> int:
         try:
-            holder["storage"].add("x", 1)
+            holder["storage"].add("k", 1)  # the key being merged
         except ar.ReentrantMergeError as exc:
             raised.append(exc)
             raise
@@ -103,7 +142,11 @@ def test_calls_from_a_requeue_merge_raise_and_the_record_is_kept(backend_name: s
     storage.add("k", 1)
     chunks = storage.detach()
     storage.add("k", 2)
+    # Re-queue everything, as when the output is full; the merge of the re-queued
+    # record with the newer one happens now or (per-thread backends) at the next
+    # detach. Either way the reentrant add is refused and both records survive.
     failed = [pair for chunk in chunks for pair in storage.requeue(chunk, list(chunk.items()))]
-    assert failed == [("k", 1)]  # the engine delivers these past max_pending
-    assert len(raised) == 1
-    assert storage.snapshot() == {"k": 2}
+    out = [pair for chunk in storage.detach() for pair in chunk.items()]
+    assert raised, "merge was never called to combine the re-queued record with newer data"
+    assert all(isinstance(exc, ar.ReentrantMergeError) for exc in raised)
+    assert sorted(failed + out) == [("k", 1), ("k", 2)]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import operator
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,15 +16,6 @@ from .conftest import Factory, fold_records, run_threads
 WRITERS = 1000
 ADDS_PER_WRITER = 1000
 KEYS = 100
-
-
-@pytest.fixture
-def fast_switching() -> Iterator[None]:
-    """On GIL builds, switch threads far more often so that races show (py-free-threading guide)."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    yield
-    sys.setswitchinterval(previous)
 
 
 @pytest.mark.clause("CLOSE-5", "FLUSH-2", "OUT-2")
