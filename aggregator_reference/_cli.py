@@ -6,6 +6,7 @@ Subcommands: ``backends`` (list them), ``demo`` (run the demo); with none, both.
 from __future__ import annotations
 
 import argparse
+import json
 import operator
 import random
 import sys
@@ -89,6 +90,50 @@ def run_demo(out: TextIO, backend: str | None, writers: int, adds: int) -> bool:
     return ok
 
 
+def run_bench_command(args: argparse.Namespace, out: TextIO) -> int:
+    """``bench``: measure, then print a table (or JSON) and draw the plot if asked."""
+    from . import _bench
+
+    try:
+        writers, keys = _bench.parse_counts(args.writers), _bench.parse_counts(args.keys)
+        if args.adds < 1 or args.repeats < 1 or args.flush < 0 or args.memory < 0:
+            raise ValueError("--adds and --repeats must be >= 1, --flush and --memory >= 0")
+        for name in args.backend or ():
+            load_backend(name)
+        report = _bench.run_bench(
+            args.backend,
+            writers,
+            keys,
+            args.adds,
+            args.repeats,
+            merge=args.merge,
+            ceiling=args.ceiling,
+            flush_records=args.flush,
+            memory_records=args.memory,
+            peers=args.peers,
+            progress=None if args.json or not sys.stderr.isatty() else sys.stderr,
+        )
+        if args.plot:
+            _bench.plot(report, args.plot)
+    except (ValueError, AggregatorError, ModuleNotFoundError) as exc:
+        out.write(f"error: {exc}\n")
+        return 2
+    if args.json:
+        json.dump(_bench.report_dict(report), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(_bench.format_table(report) + "\n")
+        if args.plot:
+            out.write(f"plot written to {args.plot}\n")
+    return 0
+
+
+def _merge_names() -> list[str]:
+    from ._bench import MERGES
+
+    return list(MERGES)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m aggregator_reference",
@@ -96,6 +141,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("backends", help="list the installed backends and the default")
+    bench = sub.add_parser(
+        "bench",
+        help="measure every backend side by side on this machine",
+        description="Every installed backend and a bare-dict baseline, side by side, in seconds.",
+    )
+    bench.add_argument("--backend", action="append", default=None, help="only this backend (repeatable)")
+    bench.add_argument("--writers", default="1,2,4,8", help="writer thread counts (default 1,2,4,8)")
+    bench.add_argument("--keys", default="100", help="distinct key counts (default 100)")
+    bench.add_argument("--adds", type=int, default=30_000, help="adds per writer (default 30000)")
+    bench.add_argument(
+        "--merge",
+        choices=sorted(_merge_names()),
+        default="python",
+        help="int sum as a Python function (default) or operator.add",
+    )
+    bench.add_argument("--repeats", type=int, default=3, help="runs per case; the best counts (default 3)")
+    bench.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the same work in independent processes (default: only with the GIL disabled)",
+    )
+    bench.add_argument("--flush", type=int, default=100_000, metavar="N", help="flush N records (0: skip)")
+    bench.add_argument("--memory", type=int, default=0, metavar="N", help="memory of N records (0: skip)")
+    bench.add_argument("--peers", action="store_true", help="add OpenTelemetry, datadog, prometheus_client")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON, no table")
+    bench.add_argument(
+        "--plot", metavar="FILE.png", help="draw throughput against writers (needs matplotlib)"
+    )
     demo = sub.add_parser("demo", help="run the live demo")
     for target in (parser, demo):
         target.add_argument("--backend", default=None, help="backend to demo (default: the default)")
@@ -108,6 +182,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Entry point of ``python -m aggregator_reference``; returns the exit status."""
     stream = sys.stdout if out is None else out
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return run_bench_command(args, stream)
     if args.writers < 1 or args.adds < 1:
         stream.write("--writers and --adds must be >= 1\n")
         return 2

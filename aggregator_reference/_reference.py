@@ -10,8 +10,8 @@ import threading
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar, final
 
+from . import _kit as kit
 from ._engine import BufferedAggregator
-from ._kit import CLOSED, MERGING, OPEN, count_visible, lookup, refuse, requeue_into, visible_records
 
 __all__ = ["ReferenceAggregator", "ReferenceStorage"]
 
@@ -23,10 +23,11 @@ V = TypeVar("V")
 class ReferenceStorage(Generic[K, V]):
     """A :class:`~aggregator_reference.Storage` with one dict behind one lock.
 
-    Thread safety: ``_lock`` guards every attribute; it is reentrant so that a
-    ``merge`` may read the buffer (``get``/``snapshot``/``len``), while ``add``,
-    ``detach`` and ``close`` from inside ``merge`` are refused through the
-    ``MERGING`` state. ``shards`` is always 1; the ``shards`` hint is ignored.
+    Thread safety: ``_lock`` (a plain ``Lock``) guards every attribute except
+    the counters' reads. It is taken as :func:`kit.finish_acquire` says, so
+    waiting threads yield the GIL instead of forming a convoy, and a call from
+    inside ``merge`` raises ``ReentrantMergeError`` instead of waiting for
+    itself. ``shards`` is always 1; the ``shards`` hint is ignored.
     """
 
     shards = 1
@@ -34,69 +35,75 @@ class ReferenceStorage(Generic[K, V]):
     def __init__(self, merge: Callable[[V, V], V], shards: int | None = None) -> None:
         self._merge = merge
         # Guards everything below.
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._data: dict[K, V] = {}
         # The chunk a flush detached and has not yet settled with requeue().
         self._transit: tuple[Mapping[K, V], ...] = ()
-        self._state = OPEN
+        self._closed = False
         self._merges = 0
         self._stored = 0
 
+    @kit.holds_locks
     def add(self, key: K, value: V, /) -> bool:
         """Merge ``value`` into ``key``'s record or store it; see :meth:`Aggregator.add`."""
-        with self._lock:
-            if self._state:
-                refuse(self._state, "add()")
+        held = self._lock
+        if not held.acquire(False):
+            kit.finish_acquire(held, "add()")
+        try:
+            if self._closed:
+                kit.refuse(kit.CLOSED, "add()")
             data = self._data
             if key in data:
-                self._state = MERGING
-                try:
-                    data[key] = self._merge(data[key], value)
-                finally:
-                    self._state = OPEN
+                data[key] = self._merge(data[key], value)
                 self._merges += 1
                 return True
             data[key] = value
             self._stored += 1
             return False
+        finally:
+            held.release()
 
+    @kit.holds_locks
     def get(self, key: K, default: Any, /) -> Any:
-        with self._lock:
-            return lookup(self._data, self._transit, key, default)
+        held = self._lock
+        if not held.acquire(False):
+            kit.finish_acquire(held, "get()")
+        try:
+            return kit.lookup(self._data, self._transit, key, default)
+        finally:
+            held.release()
 
     def snapshot(self) -> dict[K, V]:
-        with self._lock:
-            return visible_records(self._data, self._transit)
+        with kit.holding(self._lock, "snapshot()"):
+            return kit.visible_records(self._data, self._transit)
 
     def __len__(self) -> int:
-        with self._lock:
-            return count_visible(self._data, self._transit)
+        with kit.holding(self._lock, "len()"):
+            return kit.count_visible(self._data, self._transit)
 
     def detach(self) -> list[Mapping[K, V]]:
-        with self._lock:
-            if self._state == MERGING:
-                refuse(MERGING, "flush()")
+        with kit.holding(self._lock, "flush()"):
             if not self._data:
                 return []
             chunk, self._data = self._data, {}
             self._transit = (chunk,)
             return [chunk]
 
+    @kit.holds_locks
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
-        with self._lock:
-            state, self._state = self._state, MERGING
-            try:
-                failed = requeue_into(self._data, leftover, self._merge)
-            finally:
-                self._state = state
+        held = self._lock
+        if not held.acquire(False):
+            kit.finish_acquire(held, "flush()")
+        try:
+            failed = kit.requeue_into(self._data, leftover, self._merge)
             self._transit = ()
             return failed
+        finally:
+            held.release()
 
     def close(self) -> None:
-        with self._lock:
-            if self._state == MERGING:
-                refuse(MERGING, "shutdown()")
-            self._state = CLOSED
+        with kit.holding(self._lock, "shutdown()"):
+            self._closed = True
 
     def counts(self) -> tuple[int, int]:
         # Without the lock, so that stats() never waits for a merge; each int is read whole.

@@ -28,6 +28,7 @@ __all__ = ["FREE_THREADED_BUILD", "FreeThreadedAggregator", "FreeThreadedStorage
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+T = TypeVar("T")
 
 #: Whether this CPython was built with ``--disable-gil`` (the GIL may still be on at run time).
 FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
@@ -149,44 +150,44 @@ class FreeThreadedStorage(Generic[K, V]):
         finally:
             buffer.busy = False
 
+    @kit.holds_locks
     def _add_locked(self, key: K, value: V, /) -> bool:
-        """``add`` on free-threaded builds: the buffer's own, uncontended lock."""
+        """``add`` on free-threaded builds: the buffer's own lock, contended only by a flush or a read."""
         try:
             buffer: _Buffer[K, V] = self._local.buffer
         except AttributeError:
             buffer = self._register()
-        if buffer.busy:
-            kit.refuse(kit.MERGING, "add()")
-        with buffer.lock:
+        held = buffer.lock
+        if not held.acquire(False):
+            kit.finish_acquire(held, "add()")
+        try:
             if self._closed:
                 kit.refuse(kit.CLOSED, "add()")
-            buffer.busy = True
-            try:
-                data = buffer.data
-                if key in data:
-                    data[key] = self._merge(data[key], value)
-                    buffer.merges += 1
-                    return True
-                data[key] = value
-                buffer.stored += 1
-                return False
-            finally:
-                buffer.busy = False
+            data = buffer.data
+            if key in data:
+                data[key] = self._merge(data[key], value)
+                buffer.merges += 1
+                return True
+            data[key] = value
+            buffer.stored += 1
+            return False
+        finally:
+            held.release()
 
-    # -- moving records between buffers (with _shared held) -------------------------
+    # -- moving records between buffers ----------------------------------------------
 
     def _own(self, call: str) -> _Buffer[K, V]:
-        """The calling thread's buffer, refusing a call from inside one of its merges."""
+        """The calling thread's buffer, refusing a call from inside a merge this thread is running."""
         try:
             buffer: _Buffer[K, V] = self._local.buffer
         except AttributeError:
-            buffer = self._register()
-        if buffer.busy:
+            return self._register()
+        if buffer.busy or (FREE_THREADED_BUILD and kit.held_by_this_thread(buffer.lock)):
             kit.refuse(kit.MERGING, call)
         return buffer
 
     def _take(self, buffer: _Buffer[K, V]) -> dict[K, V]:
-        """Take every record out of another thread's buffer."""
+        """Take every record out of another thread's buffer (with ``_shared`` held)."""
         if FREE_THREADED_BUILD:
             with buffer.lock:
                 taken, buffer.data = buffer.data, {}
@@ -211,42 +212,55 @@ class FreeThreadedStorage(Generic[K, V]):
             except Exception:
                 self._orphans.append((key, value))
 
+    @kit.holds_locks
+    def _with_own_merging(self, me: _Buffer[K, V], work: Callable[[], T]) -> T:
+        """Run ``work`` (it calls ``merge``) with ``me`` locked and busy, so that calls back are refused."""
+        held = me.lock
+        with held:
+            me.busy = True
+            try:
+                return work()
+            finally:
+                me.busy = False
+
     def _gather(self, me: _Buffer[K, V]) -> dict[K, V]:
         """Take every record out, merged older first; drop the emptied buffers of exited threads.
 
         Older first means: re-queued records, then the buffers in registry
         order. The registry is kept so that a buffer holding records gathered
         by a read comes first (see :meth:`_consolidated`): every other
-        buffer's records are newer than those.
+        buffer's records are newer than those. Called with ``_shared`` held.
         """
-        gathered, self._home = self._home, {}
-        me.busy = True  # a merge run here that calls the aggregator is refused
-        try:
+
+        def gather() -> dict[K, V]:
+            gathered, self._home = self._home, {}
             buffers, (merges, stored) = self._accounts
             kept = []
             for buffer in buffers:
                 # Asked before taking: a thread seen dead can add nothing after the take.
                 alive = buffer is me or buffer.owner.is_alive()
                 if buffer is me:
-                    with me.lock:
-                        taken, me.data = me.data, {}
+                    taken, me.data = me.data, {}
                 else:
                     taken = self._take(buffer)
-                self._fold(gathered, taken)
+                if gathered:
+                    self._fold(gathered, taken)
+                else:
+                    gathered = taken  # nothing older: adopt the dict instead of copying it
                 if alive:
                     kept.append(buffer)
                 else:
                     merges, stored = merges + buffer.merges, stored + buffer.stored
             self._accounts = (tuple(kept), (merges, stored))
-        finally:
-            me.busy = False
-        return gathered
+            return gathered
+
+        return self._with_own_merging(me, gather)
 
     def _consolidated(self, call: str) -> _Buffer[K, V]:
         """Move every record into the calling thread's buffer, for a read; return that buffer.
 
         That buffer then holds the oldest records of every thread, so it moves
-        to the front of the registry.
+        to the front of the registry. Called with ``_shared`` held.
         """
         me = self._own(call)
         gathered = self._gather(me)
@@ -263,16 +277,19 @@ class FreeThreadedStorage(Generic[K, V]):
 
     def get(self, key: K, default: Any, /) -> Any:
         hash(key)  # an unhashable key fails before anything moves
+        self._own("get()")  # before _shared: a flush holding it may be waiting for this thread
         with self._shared:
             me = self._consolidated("get()")
             return kit.lookup(me.data, self._others(), key, default)
 
     def snapshot(self) -> dict[K, V]:
+        self._own("snapshot()")
         with self._shared:
             me = self._consolidated("snapshot()")
             return kit.visible_records(me.data, self._others())
 
     def __len__(self) -> int:
+        self._own("len()")
         with self._shared:
             me = self._consolidated("len()")
             return kit.count_visible(me.data, self._others())
@@ -280,9 +297,9 @@ class FreeThreadedStorage(Generic[K, V]):
     # -- flushing ------------------------------------------------------------------
 
     def detach(self) -> list[Mapping[K, V]]:
+        self._own("flush()")
         with self._shared:
-            me = self._own("flush()")
-            gathered = self._gather(me)
+            gathered = self._gather(self._own("flush()"))
             orphans, self._orphans = self._orphans, []
             chunks: list[Mapping[K, V]] = [gathered] if gathered else []
             if orphans:
@@ -291,19 +308,16 @@ class FreeThreadedStorage(Generic[K, V]):
             return chunks
 
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
+        self._own("flush()")
         with self._shared:
             me = self._own("flush()")
-            me.busy = True
-            try:
-                failed = kit.requeue_into(self._home, leftover, self._merge)
-            finally:
-                me.busy = False
+            failed = self._with_own_merging(me, lambda: kit.requeue_into(self._home, leftover, self._merge))
             self._transit = tuple(c for c in self._transit if c is not chunk)
             return failed
 
     def close(self) -> None:
+        self._own("shutdown()")
         with self._shared:
-            self._own("shutdown()")
             self._closed = True
             for buffer in self._accounts[0]:  # wait for every add in flight
                 if FREE_THREADED_BUILD:

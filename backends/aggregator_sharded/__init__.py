@@ -34,15 +34,15 @@ def default_shard_count() -> int:
 
 @final
 class _Shard(Generic[K, V]):
-    """One shard; every attribute is guarded by ``lock`` (reentrant, so ``merge`` may read)."""
+    """One shard; ``lock`` (a plain ``Lock``) guards every other attribute."""
 
-    __slots__ = ("data", "lock", "merges", "state", "stored", "transit")
+    __slots__ = ("closed", "data", "lock", "merges", "stored", "transit")
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self.data: dict[K, V] = {}
         self.transit: tuple[Mapping[K, V], ...] = ()  # detached, not yet settled by requeue()
-        self.state = kit.OPEN
+        self.closed = False
         self.merges = 0
         self.stored = 0
 
@@ -56,9 +56,11 @@ class ShardedStorage(Generic[K, V]):
     (phase one); the engine then hands the chunks to the output (phase two)
     and ``requeue`` settles each chunk under its shard's lock.
 
-    Thread safety: each shard's attributes are guarded by its own lock; no
-    operation holds two shard locks at once, except ``snapshot``/``len``
-    which take them one after another and release each before the next.
+    Thread safety: each shard's attributes are guarded by its own lock, taken
+    as :func:`kit.finish_acquire` says (no convoy with the GIL; a call from
+    inside ``merge`` that needs the shard ``merge`` runs under raises
+    ``ReentrantMergeError``). Several shard locks are only ever held together
+    by ``close``, taken in index order.
     """
 
     def __init__(self, merge: Callable[[V, V], V], shards: int | None = None) -> None:
@@ -69,41 +71,49 @@ class ShardedStorage(Generic[K, V]):
         # id(chunk) -> its shard, for the chunks of the flush in progress (flush-only state).
         self._owner: dict[int, _Shard[K, V]] = {}
 
+    @kit.holds_locks
     def add(self, key: K, value: V, /) -> bool:
         """Merge into or store in the key's shard; see :meth:`aggregator_reference.Aggregator.add`."""
         shard = self._shards[hash(key) & self._mask]
-        with shard.lock:
-            if shard.state:
-                kit.refuse(shard.state, "add()")
+        held = shard.lock
+        if not held.acquire(False):
+            kit.finish_acquire(held, "add()")
+        try:
+            if shard.closed:
+                kit.refuse(kit.CLOSED, "add()")
             data = shard.data
             if key in data:
-                shard.state = kit.MERGING
-                try:
-                    data[key] = self._merge(data[key], value)
-                finally:
-                    shard.state = kit.OPEN
+                data[key] = self._merge(data[key], value)
                 shard.merges += 1
                 return True
             data[key] = value
             shard.stored += 1
             return False
+        finally:
+            held.release()
 
+    @kit.holds_locks
     def get(self, key: K, default: Any, /) -> Any:
         shard = self._shards[hash(key) & self._mask]
-        with shard.lock:
+        held = shard.lock
+        if not held.acquire(False):
+            kit.finish_acquire(held, "get()")
+        try:
             return kit.lookup(shard.data, shard.transit, key, default)
+        finally:
+            held.release()
 
     def snapshot(self) -> dict[K, V]:
         result: dict[K, V] = {}
         for shard in self._shards:
-            with shard.lock:
+            with kit.holding(shard.lock, "snapshot()"):
                 result.update(kit.visible_records(shard.data, shard.transit))
         return result
 
     def __len__(self) -> int:
         total = 0
         for shard in self._shards:
-            with shard.lock:
+            with kit.holding(shard.lock, "len()"):
                 total += kit.count_visible(shard.data, shard.transit)
         return total
 
@@ -113,9 +123,7 @@ class ShardedStorage(Generic[K, V]):
             for shard in self._shards:
                 if not shard.data:  # unlocked peek: an empty shard costs nothing
                     continue
-                with shard.lock:
-                    if shard.state == kit.MERGING:  # only this thread can be merging here
-                        kit.refuse(kit.MERGING, "flush()")
+                with kit.holding(shard.lock, "flush()"):
                     if not shard.data:
                         continue
                     chunk, shard.data = shard.data, {}
@@ -128,24 +136,23 @@ class ShardedStorage(Generic[K, V]):
             raise
         return chunks
 
+    @kit.holds_locks
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
         shard = self._owner.pop(id(chunk))
-        with shard.lock:
-            state, shard.state = shard.state, kit.MERGING
-            try:
-                return kit.requeue_into(shard.data, leftover, self._merge)
-            finally:
-                shard.state = state
-                shard.transit = ()
+        held = shard.lock
+        if not held.acquire(False):
+            kit.finish_acquire(held, "flush()")
+        try:
+            failed = kit.requeue_into(shard.data, leftover, self._merge)
+            shard.transit = ()
+            return failed
+        finally:
+            held.release()
 
     def close(self) -> None:
-        for shard in self._shards:
-            with shard.lock:
-                if shard.state == kit.MERGING:
-                    kit.refuse(kit.MERGING, "shutdown()")
-        for shard in self._shards:
-            with shard.lock:
-                shard.state = kit.CLOSED
+        with kit.holding_all([shard.lock for shard in self._shards], "shutdown()"):
+            for shard in self._shards:
+                shard.closed = True
 
     def counts(self) -> tuple[int, int]:
         return sum(s.merges for s in self._shards), sum(s.stored for s in self._shards)

@@ -9,8 +9,7 @@ against the old dict can be lost.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar, final
 
 import aggregator_reference as ar
@@ -29,94 +28,87 @@ DEFAULT_STRIPES = 64
 class StripedStorage(Generic[K, V]):
     """A :class:`~aggregator_reference.Storage`: one dict, ``shards`` lock stripes.
 
-    Thread safety: stripe ``i`` guards the records whose ``hash(key) &
-    (shards - 1) == i`` in ``_data``, and ``_states[i]``/``_merges[i]``/
-    ``_stored[i]``. Replacing ``_data`` or ``_transit`` needs every stripe,
-    taken in index order (the only order in which several are taken). Stripes
-    are reentrant so that ``merge`` may read; ``_states`` refuses the rest.
+    Thread safety: stripe ``i`` (a plain ``Lock``) guards the records whose
+    ``hash(key) & (shards - 1) == i`` in ``_data``, and ``_merges[i]`` and
+    ``_stored[i]``. Replacing ``_data``/``_transit`` or setting ``_closed``
+    needs every stripe, taken in index order (the only order in which several
+    are taken). Stripes are taken as :func:`kit.finish_acquire` says: no convoy
+    with the GIL, and a call from inside ``merge`` that needs the stripe
+    ``merge`` runs under raises ``ReentrantMergeError``.
     """
 
     def __init__(self, merge: Callable[[V, V], V], shards: int | None = None) -> None:
         self.shards = DEFAULT_STRIPES if shards is None else shards
         self._merge = merge
         self._mask = self.shards - 1
-        self._stripes = tuple(threading.RLock() for _ in range(self.shards))
-        self._states = [kit.OPEN] * self.shards
+        self._stripes = tuple(threading.Lock() for _ in range(self.shards))
         self._merges = [0] * self.shards
         self._stored = [0] * self.shards
+        self._closed = False
         self._data: dict[K, V] = {}
         self._transit: tuple[Mapping[K, V], ...] = ()
 
+    @kit.holds_locks
     def add(self, key: K, value: V, /) -> bool:
         """Merge or store under the key's stripe; see :meth:`aggregator_reference.Aggregator.add`."""
         stripe = hash(key) & self._mask
-        with self._stripes[stripe]:
-            states = self._states
-            if states[stripe]:
-                kit.refuse(states[stripe], "add()")
+        held = self._stripes[stripe]
+        if not held.acquire(False):
+            kit.finish_acquire(held, "add()")
+        try:
+            if self._closed:
+                kit.refuse(kit.CLOSED, "add()")
             data = self._data
             if key in data:
-                states[stripe] = kit.MERGING
-                try:
-                    data[key] = self._merge(data[key], value)
-                finally:
-                    states[stripe] = kit.OPEN
+                data[key] = self._merge(data[key], value)
                 self._merges[stripe] += 1
                 return True
             data[key] = value
             self._stored[stripe] += 1
             return False
-
-    @contextmanager
-    def _all_stripes(self) -> Iterator[None]:
-        """Hold every stripe, taken in index order."""
-        taken = 0
-        try:
-            for lock in self._stripes:
-                lock.acquire()
-                taken += 1
-            yield
         finally:
-            for lock in self._stripes[:taken]:
-                lock.release()
+            held.release()
 
+    @kit.holds_locks
     def get(self, key: K, default: Any, /) -> Any:
-        with self._stripes[hash(key) & self._mask]:
+        held = self._stripes[hash(key) & self._mask]
+        if not held.acquire(False):
+            kit.finish_acquire(held, "get()")
+        try:
             return kit.lookup(self._data, self._transit, key, default)
+        finally:
+            held.release()
 
     def snapshot(self) -> dict[K, V]:
-        with self._all_stripes():
+        with kit.holding_all(self._stripes, "snapshot()"):
             return kit.visible_records(self._data, self._transit)
 
     def __len__(self) -> int:
-        with self._all_stripes():
+        with kit.holding_all(self._stripes, "len()"):
             return kit.count_visible(self._data, self._transit)
 
     def detach(self) -> list[Mapping[K, V]]:
         if not self._data:
             return []
-        with self._all_stripes():
-            if kit.MERGING in self._states:  # with every stripe held, only this thread can be merging
-                kit.refuse(kit.MERGING, "flush()")
+        with kit.holding_all(self._stripes, "flush()"):
             chunk, self._data = self._data, {}
             self._transit = (chunk,)
         return [chunk]
 
+    @kit.holds_locks
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
-        with self._all_stripes():
-            states = list(self._states)
-            self._states[:] = [kit.MERGING] * self.shards
-            try:
-                return kit.requeue_into(self._data, leftover, self._merge)
-            finally:
-                self._states[:] = states
-                self._transit = ()
+        kit.acquire_all(self._stripes, "flush()")
+        all_held = self._stripes
+        try:
+            failed = kit.requeue_into(self._data, leftover, self._merge)
+            self._transit = ()
+            return failed
+        finally:
+            kit.release_all(all_held)
 
     def close(self) -> None:
-        with self._all_stripes():
-            if kit.MERGING in self._states:
-                kit.refuse(kit.MERGING, "shutdown()")
-            self._states[:] = [kit.CLOSED] * self.shards
+        with kit.holding_all(self._stripes, "shutdown()"):
+            self._closed = True
 
     def counts(self) -> tuple[int, int]:
         return sum(self._merges), sum(self._stored)
