@@ -37,11 +37,19 @@ class Stat:
         self.count, self.total = count, total
 
 
-def merge_stat(stored: Stat | tuple[int, int], incoming: tuple[int, int]) -> Stat:
-    """Merge ``(count, total)`` into a :class:`Stat`, in place (the first merge turns the tuple into one)."""
+def merge_stat(stored: Stat | tuple[int, int], incoming: Stat | tuple[int, int]) -> Stat:
+    """Merge into a :class:`Stat`, in place; a ``(count, total)`` tuple is a new value.
+
+    ``incoming`` may itself be a merged record: backends combine partial
+    records (per thread, or re-queued ones) with ``merge`` too.
+    """
     record = Stat(*stored) if isinstance(stored, tuple) else stored
-    record.count += incoming[0]
-    record.total += incoming[1]
+    if isinstance(incoming, tuple):
+        record.count += incoming[0]
+        record.total += incoming[1]
+    else:
+        record.count += incoming.count
+        record.total += incoming.total
     return record
 
 
@@ -67,7 +75,12 @@ class AddSuite:
     def teardown(self, backend: str, writers: int, keys: int, cpus: int) -> None:
         os.sched_setaffinity(0, self.affinity)
         for aggregator in self.aggregators:
-            aggregator.shutdown()
+            while not aggregator.closed:  # drain, so that a full output never stalls the teardown
+                aggregator.drain()
+                try:
+                    aggregator.shutdown(timeout=1.0)
+                except TimeoutError:
+                    continue
 
     def _body(
         self, backend: str, merge: Callable[[Any, Any], Any], value: Any, start: Any

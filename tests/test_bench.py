@@ -1,0 +1,77 @@
+"""``python -m aggregator_reference bench``: runs, reports every backend, and its ratios add up."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import aggregator_reference as ar
+from aggregator_reference import _bench
+from aggregator_reference._cli import main
+
+TINY = ["--writers", "1,2", "--keys", "10", "--adds", "300", "--repeats", "1"]
+
+
+def test_json_report_covers_every_backend_and_the_baseline() -> None:
+    out = io.StringIO()
+    assert main(["bench", *TINY, "--flush", "500", "--memory", "500", "--no-ceiling", "--json"], out) == 0
+    report = json.loads(out.getvalue())
+    seen = {(m["backend"], m["writers"]) for m in report["measurements"]}
+    for name in [*ar.backend_names(), _bench.BASELINE]:
+        assert {(name, 1), (name, 2)} <= seen
+    for m in report["measurements"]:
+        assert m["adds"] == 300 * m["writers"]
+        assert m["ns_per_add"] == pytest.approx(m["seconds"] / m["adds"] * 1e9)
+        if m["backend"] == _bench.BASELINE:
+            assert m["vs_baseline"] == pytest.approx(1.0)
+        if m["writers"] == 1:
+            assert m["scaling"] == pytest.approx(1.0)
+    assert set(report["flush"]) == set(ar.backend_names())
+    assert all(ratio > 0 for ratio in report["memory"].values())
+    assert report["recommendation"].split(":")[0] in ar.backend_names()
+
+
+def test_table_names_the_interpreter_and_recommends() -> None:
+    out = io.StringIO()
+    assert main(["bench", *TINY, "--backend", "reference", "--flush", "0"], out) == 0
+    text = out.getvalue()
+    assert "Python " in text
+    assert "reference" in text
+    assert "dict" in text
+    assert "Recommendation on this machine: reference" in text
+
+
+def test_bad_counts_are_a_clean_error() -> None:
+    out = io.StringIO()
+    assert main(["bench", "--writers", "0"], out) == 2
+    assert "counts >= 1" in out.getvalue()
+    out = io.StringIO()
+    assert main(["bench", "--backend", "nope"], out) == 2
+    assert "no aggregator backend named 'nope'" in out.getvalue()
+
+
+def test_process_ceiling_measures_independent_processes() -> None:
+    ceiling = _bench.process_ceiling(_bench.BASELINE, 2, 10, adds=2000, repeats=1, merge="python")
+    assert 0.2 < ceiling < 4.0
+
+
+def test_peers_are_measured_or_reported_missing() -> None:
+    report = _bench.run_bench(["reference"], [1], [10], adds=200, repeats=1, flush_records=0, peers=True)
+    names = {m.backend for m in report.measurements}
+    for peer in ("otel-counter", "datadog-statsd", "prometheus"):
+        assert peer in names or peer in report.skipped
+
+
+def test_plot_needs_matplotlib_or_draws(tmp_path: Path) -> None:
+    report = _bench.run_bench(["reference"], [1, 2], [10], adds=200, repeats=1, flush_records=0)
+    target = tmp_path / "bench.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(ModuleNotFoundError, match="aggregator-reference\\[plot\\]"):
+            _bench.plot(report, str(target))
+    else:
+        _bench.plot(report, str(target))
+        assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
