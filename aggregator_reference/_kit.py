@@ -20,6 +20,7 @@ __all__ = [
     "MERGING",
     "OPEN",
     "acquire_all",
+    "call_holding",
     "count_visible",
     "finish_acquire",
     "held_by_this_thread",
@@ -36,6 +37,7 @@ __all__ = [
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 #: Code objects of storage methods that may run user code while holding a lock.
 _HOLDERS: set[Any] = set()
@@ -121,6 +123,22 @@ def release_all(locks: Sequence[Any]) -> None:
     """Release every lock of ``locks``, last first."""
     for lock in reversed(locks):
         lock.release()
+
+
+@holds_locks
+def call_holding(held: Any, call: str, work: Callable[[], T]) -> T:
+    """``work()`` with ``held`` taken as :func:`finish_acquire` says; ``work`` may run user code.
+
+    For paths off the hot one that run ``merge`` or key methods while holding
+    a lock (``get``, ``requeue``): a call back from that code is recognised
+    through this frame, marked with :func:`holds_locks`.
+    """
+    if not held.acquire(False):
+        finish_acquire(held, call)
+    try:
+        return work()
+    finally:
+        held.release()
 
 
 @contextmanager

@@ -63,15 +63,10 @@ class ReferenceStorage(Generic[K, V]):
         finally:
             held.release()
 
-    @kit.holds_locks
     def get(self, key: K, default: Any, /) -> Any:
-        held = self._lock
-        if not held.acquire(False):
-            kit.finish_acquire(held, "get()")
-        try:
-            return kit.lookup(self._data, self._transit, key, default)
-        finally:
-            held.release()
+        return kit.call_holding(
+            self._lock, "get()", lambda: kit.lookup(self._data, self._transit, key, default)
+        )
 
     def snapshot(self) -> dict[K, V]:
         with kit.holding(self._lock, "snapshot()"):
@@ -89,17 +84,13 @@ class ReferenceStorage(Generic[K, V]):
             self._transit = (chunk,)
             return [chunk]
 
-    @kit.holds_locks
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
-        held = self._lock
-        if not held.acquire(False):
-            kit.finish_acquire(held, "flush()")
-        try:
+        def settle() -> list[tuple[K, V]]:
             failed = kit.requeue_into(self._data, leftover, self._merge)
             self._transit = ()
             return failed
-        finally:
-            held.release()
+
+        return kit.call_holding(self._lock, "flush()", settle)
 
     def close(self) -> None:
         with kit.holding(self._lock, "shutdown()"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,11 @@ def test_bad_counts_are_a_clean_error() -> None:
     assert "no aggregator backend named 'nope'" in out.getvalue()
 
 
-def test_process_ceiling_measures_independent_processes() -> None:
-    ceiling = _bench.process_ceiling(_bench.BASELINE, 2, 10, adds=2000, repeats=1, merge="python")
-    assert 0.2 < ceiling < 4.0
+def test_process_ceiling_runs_independent_processes() -> None:
+    # Only that it runs and yields a ratio: its value is the machine's, checked by benchmarks.
+    ceiling = _bench.process_ceiling("reference", 2, 10, adds=2000, repeats=1, merge="python")
+    assert math.isfinite(ceiling)
+    assert ceiling > 0
 
 
 def test_peers_are_measured_or_reported_missing() -> None:

@@ -92,16 +92,11 @@ class ShardedStorage(Generic[K, V]):
         finally:
             held.release()
 
-    @kit.holds_locks
     def get(self, key: K, default: Any, /) -> Any:
         shard = self._shards[hash(key) & self._mask]
-        held = shard.lock
-        if not held.acquire(False):
-            kit.finish_acquire(held, "get()")
-        try:
-            return kit.lookup(shard.data, shard.transit, key, default)
-        finally:
-            held.release()
+        return kit.call_holding(
+            shard.lock, "get()", lambda: kit.lookup(shard.data, shard.transit, key, default)
+        )
 
     def snapshot(self) -> dict[K, V]:
         result: dict[K, V] = {}
@@ -136,18 +131,15 @@ class ShardedStorage(Generic[K, V]):
             raise
         return chunks
 
-    @kit.holds_locks
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
         shard = self._owner.pop(id(chunk))
-        held = shard.lock
-        if not held.acquire(False):
-            kit.finish_acquire(held, "flush()")
-        try:
+
+        def settle() -> list[tuple[K, V]]:
             failed = kit.requeue_into(shard.data, leftover, self._merge)
             shard.transit = ()
             return failed
-        finally:
-            held.release()
+
+        return kit.call_holding(shard.lock, "flush()", settle)
 
     def close(self) -> None:
         with kit.holding_all([shard.lock for shard in self._shards], "shutdown()"):

@@ -69,15 +69,9 @@ class StripedStorage(Generic[K, V]):
         finally:
             held.release()
 
-    @kit.holds_locks
     def get(self, key: K, default: Any, /) -> Any:
-        held = self._stripes[hash(key) & self._mask]
-        if not held.acquire(False):
-            kit.finish_acquire(held, "get()")
-        try:
-            return kit.lookup(self._data, self._transit, key, default)
-        finally:
-            held.release()
+        stripe = self._stripes[hash(key) & self._mask]
+        return kit.call_holding(stripe, "get()", lambda: kit.lookup(self._data, self._transit, key, default))
 
     def snapshot(self) -> dict[K, V]:
         with kit.holding_all(self._stripes, "snapshot()"):
