@@ -340,8 +340,11 @@ class BufferedAggregator(Generic[K, V]):
             stop.set()
         if getattr(self, "_closed", True) or not hasattr(self, "_output"):
             return
-        undelivered = len(self._storage) + len(self._output)
-        if undelivered:
+        try:
+            undelivered = str(len(self._storage) + len(self._output))
+        except Exception:  # a storage that cannot count now (interpreter exit, inside merge)
+            undelivered = "an unknown number of"
+        if undelivered != "0":
             warnings.warn(
                 f"{type(self).__name__} dropped with {undelivered} record(s) not delivered; "
                 "call shutdown() or use it as a context manager",
