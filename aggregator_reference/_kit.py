@@ -16,9 +16,6 @@ from typing import Any, NoReturn, TypeVar
 from ._errors import AggregatorClosedError, ReentrantMergeError
 
 __all__ = [
-    "CLOSED",
-    "MERGING",
-    "OPEN",
     "acquire_all",
     "call_holding",
     "count_visible",
@@ -28,7 +25,8 @@ __all__ = [
     "holding_all",
     "holds_locks",
     "lookup",
-    "refuse",
+    "refuse_closed",
+    "refuse_reentrant",
     "release_all",
     "requeue_into",
     "visible_records",
@@ -101,7 +99,7 @@ def finish_acquire(lock: Any, call: str = "this call") -> None:
             return
         # Without the GIL: after each timeout; with it: at the 2nd try, then every 64th.
         if (not gil or (spins & 63) == 1) and _held_by_this_thread(lock, above):
-            raise ReentrantMergeError(f"{call} called from inside merge of the same aggregator")
+            refuse_reentrant(call)
         if gil:
             time.sleep(0)
 
@@ -162,15 +160,14 @@ def holding_all(locks: Sequence[Any], call: str = "this call") -> Iterator[None]
         release_all(locks)
 
 
-#: Storage states: a storage refuses ``add`` whenever its state is not ``OPEN``.
-OPEN, MERGING, CLOSED = 0, 1, 2
-
-
-def refuse(state: int, call: str) -> NoReturn:
-    """Raise the error for calling ``call`` in ``state`` (``MERGING`` or ``CLOSED``)."""
-    if state == MERGING:
-        raise ReentrantMergeError(f"{call} called from inside merge of the same aggregator")
+def refuse_closed(call: str) -> NoReturn:
+    """Raise ``AggregatorClosedError`` for ``call`` made after ``close()``."""
     raise AggregatorClosedError(f"{call} called after shutdown() began")
+
+
+def refuse_reentrant(call: str) -> NoReturn:
+    """Raise ``ReentrantMergeError`` for ``call`` made from inside a ``merge`` the storage runs."""
+    raise ReentrantMergeError(f"{call} called from inside merge of the same aggregator")
 
 
 def requeue_into(

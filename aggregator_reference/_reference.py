@@ -51,7 +51,7 @@ class ReferenceStorage(Generic[K, V]):
             kit.finish_acquire(held, "add()")
         try:
             if self._closed:
-                kit.refuse(kit.CLOSED, "add()")
+                kit.refuse_closed("add()")
             data = self._data
             if key in data:
                 data[key] = self._merge(data[key], value)

@@ -134,11 +134,11 @@ class FreeThreadedStorage(Generic[K, V]):
         except AttributeError:
             buffer = self._register()
         if buffer.busy:
-            kit.refuse(kit.MERGING, "add()")
+            kit.refuse_reentrant("add()")
         buffer.busy = True
         try:
             if self._closed:
-                kit.refuse(kit.CLOSED, "add()")
+                kit.refuse_closed("add()")
             data = buffer.data
             if key in data:
                 data[key] = self._merge(data[key], value)
@@ -162,7 +162,7 @@ class FreeThreadedStorage(Generic[K, V]):
             kit.finish_acquire(held, "add()")
         try:
             if self._closed:
-                kit.refuse(kit.CLOSED, "add()")
+                kit.refuse_closed("add()")
             data = buffer.data
             if key in data:
                 data[key] = self._merge(data[key], value)
@@ -183,7 +183,7 @@ class FreeThreadedStorage(Generic[K, V]):
         except AttributeError:
             return self._register()
         if buffer.busy or (FREE_THREADED_BUILD and kit.held_by_this_thread(buffer.lock)):
-            kit.refuse(kit.MERGING, call)
+            kit.refuse_reentrant(call)
         return buffer
 
     def _take(self, buffer: _Buffer[K, V]) -> dict[K, V]:

@@ -80,7 +80,7 @@ class ShardedStorage(Generic[K, V]):
             kit.finish_acquire(held, "add()")
         try:
             if shard.closed:
-                kit.refuse(kit.CLOSED, "add()")
+                kit.refuse_closed("add()")
             data = shard.data
             if key in data:
                 data[key] = self._merge(data[key], value)
