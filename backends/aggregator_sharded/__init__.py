@@ -1,4 +1,4 @@
-"""The ``sharded`` backend: N shards, each its own dict and ``RLock``; a flush detaches shard by shard.
+"""The ``sharded`` backend: N shards, each its own dict and lock; a flush detaches shard by shard.
 
 The design of the Go library this project descends from, without its weak
 spots: re-queued records merge older first; ``add`` after shutdown raises
@@ -152,7 +152,7 @@ class ShardedStorage(Generic[K, V]):
 
 @final
 class ShardedAggregator(ar.BufferedAggregator[K, V]):
-    """N shards (next power of two >= CPUs, at least 4), each a dict behind its own RLock.
+    """N shards (next power of two >= CPUs, at least 4), each a dict behind its own lock.
 
     Entry point ``sharded``; the shared engine over :class:`ShardedStorage`.
     """
