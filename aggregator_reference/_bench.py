@@ -68,6 +68,7 @@ class BenchReport:
     merge: str
     measurements: list[Measurement] = field(default_factory=list)
     flush: dict[str, float] = field(default_factory=dict)
+    floor: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     recommendation: str = ""
@@ -230,6 +231,62 @@ def memory_ratio(backend: str, records: int) -> float:
     return traced(buffered) / traced(plain)
 
 
+# -- the floor of a Python add ------------------------------------------------------------
+
+
+class _FloorProbe:
+    """The steps of an ``add`` one at a time, to show what each costs (``bench --floor``)."""
+
+    def __init__(self, merge: Callable[[int, int], int], keys: int) -> None:
+        self.data = dict.fromkeys(range(keys), 0)
+        self.merge = merge
+        self.lock = threading.Lock()
+
+    def update(self, key: int, value: int) -> None:
+        data = self.data
+        data[key] = self.merge(data[key], value)
+
+    def update_checked(self, key: int, value: int) -> bool:
+        data = self.data
+        if key in data:
+            data[key] = self.merge(data[key], value)
+            return True
+        data[key] = value
+        return False
+
+    def update_locked(self, key: int, value: int) -> bool:
+        held = self.lock
+        if not held.acquire(False):
+            held.acquire()
+        try:
+            data = self.data
+            if key in data:
+                data[key] = self.merge(data[key], value)
+                return True
+            data[key] = value
+            return False
+        finally:
+            held.release()
+
+
+def floor_breakdown(keys: int, adds: int, repeats: int, merge: str = "python") -> dict[str, float]:
+    """ns per add, one writer: the inline loop, then a method doing more and more of an ``add``."""
+    function = MERGES[merge]
+    sequence = [i % keys for i in range(adds)]
+    probe = _FloorProbe(function, keys)
+    steps: dict[str, Body] = {
+        "inline d[k] = merge(d[k], v)": _bare_dict(dict.fromkeys(range(keys), 0), function),
+        "method: the update only": _adding(probe.update),
+        "method: + key test, return value": _adding(probe.update_checked),
+        "method: + Lock acquire/release": _adding(probe.update_locked),
+    }
+    result: dict[str, float] = {}
+    for name, body in steps.items():
+        best = min(_timed(body, 1, sequence) for _ in range(repeats))
+        result[name] = best / adds * 1e9
+    return result
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -250,6 +307,7 @@ def run_bench(
     ceiling: bool | None = None,
     flush_records: int = 100_000,
     memory_records: int = 0,
+    floor: bool = False,
     peers: bool = False,
     progress: TextIO | None = None,
 ) -> BenchReport:
@@ -313,6 +371,9 @@ def run_bench(
         if memory_records:
             _progress(progress, done, total, f"memory of {memory_records} records: {name}")
             report.memory[name] = memory_ratio(name, memory_records)
+    if floor:
+        _progress(progress, done, total, "the floor of a Python add")
+        report.floor = floor_breakdown(keys[len(keys) // 2], adds, repeats, merge)
     if progress is not None:
         progress.write("\r\x1b[2K")
     report.recommendation = _recommend(report, set(peer_bodies))
@@ -376,6 +437,11 @@ def format_table(report: BenchReport) -> str:
         lines.append("flush() cost over putting the same tuples into a queue.Queue: " + _pairs(report.flush))
     if report.memory:
         lines.append("memory of buffered int records over a plain dict: " + _pairs(report.memory))
+    if report.floor:
+        base = next(iter(report.floor.values()))
+        lines.append("")
+        lines.append("The floor of a Python add (one writer, ns/add, x inline loop):")
+        lines.extend(f"  {name:<36}{ns:>6.0f}{ns / base:>7.2f}x" for name, ns in report.floor.items())
     for name, why in report.skipped.items():
         lines.append(f"skipped {name}: {why}")
     if report.recommendation:

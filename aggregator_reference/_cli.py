@@ -110,6 +110,7 @@ def run_bench_command(args: argparse.Namespace, out: TextIO) -> int:
             ceiling=args.ceiling,
             flush_records=args.flush,
             memory_records=args.memory,
+            floor=args.floor,
             peers=args.peers,
             progress=None if args.json or not sys.stderr.isatty() else sys.stderr,
         )
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--flush", type=int, default=100_000, metavar="N", help="flush N records (0: skip)")
     bench.add_argument("--memory", type=int, default=0, metavar="N", help="memory of N records (0: skip)")
+    bench.add_argument("--floor", action="store_true", help="also show what each step of an add costs")
     bench.add_argument("--peers", action="store_true", help="add OpenTelemetry, datadog, prometheus_client")
     bench.add_argument("--json", action="store_true", help="print the results as JSON, no table")
     bench.add_argument(

@@ -46,6 +46,22 @@ def test_table_names_the_interpreter_and_recommends() -> None:
     assert "Recommendation on this machine: reference" in text
 
 
+def test_floor_breakdown_lists_each_step() -> None:
+    out = io.StringIO()
+    assert main(["bench", *TINY, "--backend", "reference", "--flush", "0", "--floor"], out) == 0
+    text = out.getvalue()
+    assert "The floor of a Python add" in text
+    assert "method: + Lock acquire/release" in text
+    floor = _bench.floor_breakdown(10, 300, 1)
+    assert list(floor) == [
+        "inline d[k] = merge(d[k], v)",
+        "method: the update only",
+        "method: + key test, return value",
+        "method: + Lock acquire/release",
+    ]
+    assert all(ns > 0 for ns in floor.values())
+
+
 def test_bad_counts_are_a_clean_error() -> None:
     out = io.StringIO()
     assert main(["bench", "--writers", "0"], out) == 2
