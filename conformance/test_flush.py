@@ -58,20 +58,21 @@ def test_records_that_do_not_fit_are_requeued(make: Factory) -> None:
 
 
 @pytest.mark.clause("FLUSH-2")
-def test_requeue_merges_older_first_with_newer_data() -> None:
+def test_requeue_merges_older_first_with_newer_data(backend_name: str) -> None:
     # Whitebox through the public Storage protocol: newer data arrives between
     # detach and requeue, as it does when writers race a flush.
     import aggregator_reference as ar
 
-    for name in ar.backend_names():
-        cls = ar.load_backend(name)
-        storage = cls.storage_class(operator.add, None)
-        storage.add("k", "old-")
-        chunks = storage.detach()
-        storage.add("k", "new")
-        for chunk in chunks:
-            assert storage.requeue(chunk, list(chunk.items())) == []
-        assert storage.snapshot() == {"k": "old-new"}, name
+    factory = getattr(ar.load_backend(backend_name), "storage_class", None)
+    if factory is None:
+        pytest.skip(f"{backend_name} is not built on BufferedAggregator")
+    storage = factory(operator.add, None)
+    storage.add("k", "old-")
+    chunks = storage.detach()
+    storage.add("k", "new")
+    for chunk in chunks:
+        assert storage.requeue(chunk, list(chunk.items())) == []
+    assert storage.snapshot() == {"k": "old-new"}
 
 
 @pytest.mark.clause("FLUSH-2", "CLOSE-5")
