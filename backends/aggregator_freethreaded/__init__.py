@@ -256,13 +256,12 @@ class FreeThreadedStorage(Generic[K, V]):
 
         return self._with_own_merging(me, gather)
 
-    def _consolidated(self, call: str) -> _Buffer[K, V]:
+    def _consolidated(self, me: _Buffer[K, V]) -> _Buffer[K, V]:
         """Move every record into the calling thread's buffer, for a read; return that buffer.
 
         That buffer then holds the oldest records of every thread, so it moves
         to the front of the registry. Called with ``_shared`` held.
         """
-        me = self._own(call)
         gathered = self._gather(me)
         with me.lock:
             me.data = gathered
@@ -277,29 +276,29 @@ class FreeThreadedStorage(Generic[K, V]):
 
     def get(self, key: K, default: Any, /) -> Any:
         hash(key)  # an unhashable key fails before anything moves
-        self._own("get()")  # before _shared: a flush holding it may be waiting for this thread
+        me = self._own("get()")  # before _shared: a flush holding it may be waiting for this thread
         with self._shared:
-            me = self._consolidated("get()")
+            self._consolidated(me)
             return kit.lookup(me.data, self._others(), key, default)
 
     def snapshot(self) -> dict[K, V]:
-        self._own("snapshot()")
+        me = self._own("snapshot()")
         with self._shared:
-            me = self._consolidated("snapshot()")
+            self._consolidated(me)
             return kit.visible_records(me.data, self._others())
 
     def __len__(self) -> int:
-        self._own("len()")
+        me = self._own("len()")
         with self._shared:
-            me = self._consolidated("len()")
+            self._consolidated(me)
             return kit.count_visible(me.data, self._others())
 
     # -- flushing ------------------------------------------------------------------
 
     def detach(self) -> list[Mapping[K, V]]:
-        self._own("flush()")
+        me = self._own("flush()")
         with self._shared:
-            gathered = self._gather(self._own("flush()"))
+            gathered = self._gather(me)
             orphans, self._orphans = self._orphans, []
             chunks: list[Mapping[K, V]] = [gathered] if gathered else []
             if orphans:
@@ -308,9 +307,8 @@ class FreeThreadedStorage(Generic[K, V]):
             return chunks
 
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
-        self._own("flush()")
+        me = self._own("flush()")
         with self._shared:
-            me = self._own("flush()")
             failed = self._with_own_merging(me, lambda: kit.requeue_into(self._home, leftover, self._merge))
             self._transit = tuple(c for c in self._transit if c is not chunk)
             return failed
