@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from queue import Queue
 from typing import Any, TextIO
@@ -504,7 +504,3 @@ def parse_counts(text: str) -> list[int]:
     if not counts or min(counts) < 1:
         raise ValueError(f"expected a comma-separated list of counts >= 1, got {text!r}")
     return counts
-
-
-def names_or_all(requested: Iterable[str] | None) -> list[str] | None:
-    return list(requested) if requested else None

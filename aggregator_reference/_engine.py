@@ -74,7 +74,7 @@ class BufferedAggregator(Generic[K, V]):
 
     Thread safety: every public method may be called from any thread.
     ``_flush_lock`` is held for the whole of each flush, so at most one runs;
-    ``_state_lock`` guards the shutdown flags. Lock order: ``_flush_lock``,
+    the shutdown flags only ever go from False to True. Lock order: ``_flush_lock``,
     then the storage's locks, then the output's. Counters other than the
     storage's are written only with ``_flush_lock`` held (``_ticks_skipped``
     only by the flusher thread).
@@ -101,12 +101,10 @@ class BufferedAggregator(Generic[K, V]):
         self._closed = False
         self._storage: Storage[K, V] = type(self).storage_class(merge, shards)
         self.add = self._storage.add
-        self.merge = merge
         self.flush_interval = flush_interval
         self.max_pending = max_pending
         self._output: Output[tuple[K, V]] = Output(max_pending)
-        # Guards _shutting_down and _closed.
-        self._state_lock = threading.Lock()
+        # Each flag only ever goes from False to True, in one assignment.
         self._shutting_down = False
         # Held for the whole of every flush: manual, periodic and shutdown's.
         self._flush_lock = threading.Lock()
@@ -295,8 +293,7 @@ class BufferedAggregator(Generic[K, V]):
             return
         # First, so that a call from inside merge is refused before anything changes.
         self._storage.close()
-        with self._state_lock:
-            self._shutting_down = True
+        self._shutting_down = True
         self._stop.set()
         flusher = self._flusher
         if flusher is not None and flusher is not threading.current_thread():
@@ -320,8 +317,7 @@ class BufferedAggregator(Generic[K, V]):
                     "drain the output and call shutdown() again"
                 )
         self._output.close()
-        with self._state_lock:
-            self._closed = True
+        self._closed = True
 
     def __enter__(self) -> BufferedAggregator[K, V]:
         return self

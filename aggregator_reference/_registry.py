@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Hashable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
@@ -30,7 +29,6 @@ __all__ = [
     "load_backend",
 ]
 
-K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 ENTRY_POINT_GROUP = "aggregator_reference.backends"
