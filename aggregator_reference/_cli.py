@@ -16,15 +16,26 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from ._errors import AggregatorError
-from ._registry import ENV_VAR, backend_names, create, explain_default_backend, gil_enabled, load_backend
+from ._errors import AggregatorError, BackendNotFoundError
+from ._registry import ENV_VAR, backend_names, create, explain_chosen_backend, gil_enabled, load_backend
 
 ENDPOINTS = ("GET /", "GET /items", "POST /items", "GET /health", "DELETE /items")
 
 
 def describe_backends(out: TextIO) -> None:
-    """Print the installed backends and which one is the default here, and why."""
-    default, reason = explain_default_backend()
+    """Print the installed backends, marking the one ``create(backend=None)`` uses here, and why.
+
+    Raises:
+        BackendNotFoundError: after the listing, when ``$AGGREGATOR_BACKEND``
+            names no usable backend or no preferred backend can be imported.
+    """
+    chosen: str | None = None
+    reason = ""
+    problem: BackendNotFoundError | None = None
+    try:
+        chosen, reason = explain_chosen_backend()
+    except BackendNotFoundError as exc:
+        problem = exc
     build = "GIL enabled" if gil_enabled() else "free-threaded, GIL disabled"
     out.write(f"Python {sys.version.split()[0]} ({build})\n")
     out.write("Installed backends (entry-point group 'aggregator_reference.backends'):\n")
@@ -34,9 +45,11 @@ def describe_backends(out: TextIO) -> None:
             summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else cls.__name__
         except AggregatorError as exc:
             summary = f"BROKEN: {exc}"
-        marker = "*" if name == default else " "
+        marker = "*" if name == chosen else " "
         out.write(f"  {marker} {name:<14} {summary}\n")
-    out.write(f"Default: {default} ({reason}). Override with backend=... or ${ENV_VAR}.\n")
+    if problem is not None:
+        raise problem
+    out.write(f"Default: {chosen} ({reason}). Override with backend=... or ${ENV_VAR}.\n")
 
 
 def run_demo(out: TextIO, backend: str | None, writers: int, adds: int) -> bool:

@@ -24,6 +24,7 @@ __all__ = [
     "backend_names",
     "create",
     "default_backend",
+    "explain_chosen_backend",
     "explain_default_backend",
     "gil_enabled",
     "load_backend",
@@ -106,9 +107,14 @@ def gil_enabled() -> bool:
 
 
 def explain_default_backend() -> tuple[str, str]:
-    """``(name, reason)``: the backend :func:`default_backend` picks and why."""
-    preference = GIL_PREFERENCE if gil_enabled() else NOGIL_PREFERENCE
-    mode = "the GIL is enabled" if gil_enabled() else "the GIL is disabled (free-threaded build)"
+    """``(name, reason)``: the backend :func:`default_backend` picks and why.
+
+    ``$AGGREGATOR_BACKEND`` plays no part here; :func:`explain_chosen_backend` includes it.
+    """
+    gil = gil_enabled()
+    preference = GIL_PREFERENCE if gil else NOGIL_PREFERENCE
+    mode = "the GIL is enabled" if gil else "the GIL is disabled (free-threaded build)"
+    order = f"the preference order {'for GIL builds' if gil else 'without the GIL'}: {' > '.join(preference)}"
     installed = _entry_points()
     passed_over: list[str] = []
     for name in preference:
@@ -121,8 +127,9 @@ def explain_default_backend() -> tuple[str, str]:
             logger.warning("skipping backend %r: %s", name, exc)
             passed_over.append(f"{name} failed to import")
             continue
-        note = "; ".join(passed_over) if passed_over else "first choice"
-        return name, f"{mode}; order {' > '.join(preference)}; {note}"
+        if not passed_over:
+            return name, f"{mode}; the first in {order}"
+        return name, f"{mode}; the first usable in {order} (skipped: {'; '.join(passed_over)})"
     raise BackendNotFoundError(
         f"none of the backends {', '.join(preference)} is installed and importable; "
         "reinstall aggregator-reference"
@@ -141,6 +148,52 @@ def default_backend() -> str:
     return explain_default_backend()[0]
 
 
+def explain_chosen_backend() -> tuple[str, str]:
+    """``(name, reason)``: the backend ``create(backend=None)`` uses here and why.
+
+    That is ``$AGGREGATOR_BACKEND`` when it is set and not empty, checked by
+    importing it; otherwise :func:`explain_default_backend`.
+
+    Raises:
+        BackendNotFoundError: the variable names a backend that is not installed
+            or fails to import (the message says the name came from it), or no
+            preferred backend can be imported.
+    """
+    named = _backend_from_environment()
+    if named is None:
+        return explain_default_backend()
+    return named, f"from ${ENV_VAR}; without it, {_default_or_why_not()}"
+
+
+def _backend_from_environment() -> str | None:
+    """``$AGGREGATOR_BACKEND``, checked by importing it; ``None`` when unset or empty."""
+    named = os.environ.get(ENV_VAR)
+    if not named:
+        return None
+    try:
+        load_backend(named)
+    except BackendNotFoundError as exc:
+        installed = backend_names()
+        if named in installed:
+            raise BackendNotFoundError(
+                f"{ENV_VAR}={named!r} names a backend that cannot be used: {exc}"
+            ) from exc
+        raise BackendNotFoundError(
+            f"{ENV_VAR}={named!r} names no installed backend; installed: {', '.join(installed) or 'none'}; "
+            f"unset it to use the default, set it to one of those, or install the package that "
+            f"registers {named!r} in the {ENTRY_POINT_GROUP!r} entry-point group"
+        ) from None
+    return named
+
+
+def _default_or_why_not() -> str:
+    """:func:`default_backend`, or why there is none (for a reason text, which must not raise)."""
+    try:
+        return default_backend()
+    except BackendNotFoundError as exc:
+        return f"none: {exc}"
+
+
 def create(
     merge: Merge[V],
     *,
@@ -156,10 +209,12 @@ def create(
 
     Raises:
         TypeError, ValueError: an argument is invalid (the message names it).
-        BackendNotFoundError: the backend is not installed (the message lists those that are).
+        BackendNotFoundError: the backend is not installed or fails to import (the
+            message lists those that are, and names ``$AGGREGATOR_BACKEND`` when the
+            name came from it).
     """
     if backend is None:
-        backend = os.environ.get(ENV_VAR) or default_backend()
+        backend = _backend_from_environment() or default_backend()
     cls = load_backend(backend)
     aggregator: Aggregator[Any, V] = cls(
         merge, flush_interval=flush_interval, max_pending=max_pending, shards=shards
