@@ -19,6 +19,7 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"flush_interval": -1}, ValueError, "flush_interval"),
     ({"flush_interval": float("nan")}, ValueError, "flush_interval"),
     ({"flush_interval": float("inf")}, ValueError, "flush_interval"),
+    ({"flush_interval": 1e300}, ValueError, "flush_interval"),  # past threading.TIMEOUT_MAX
     ({"flush_interval": "1"}, TypeError, "flush_interval"),
     ({"flush_interval": True}, TypeError, "flush_interval"),
     ({"max_pending": 0}, ValueError, "max_pending"),

@@ -6,6 +6,7 @@ import logging
 import operator
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -221,3 +222,150 @@ def test_flusher_errors_are_logged_and_records_overflow_instead_of_dropping(
     assert got == {("blocker", 1), *((key, 1) for key in bad)}
     agg.add("later", 1)  # the flusher keeps working
     assert next(consumer) == ("later", 1)
+
+
+@pytest.mark.clause("FLUSH-6", "CLOSE-5")
+def test_partials_that_cannot_be_combined_are_kept_logged_and_counted(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # int + str raises: one thread adds ints, another strs, to one key. A backend
+    # with one record per key refuses the second thread's adds (ADD-4); one with
+    # per-thread partials accepts them and must say so when it cannot combine them.
+    agg = make(operator.add)
+    accepted: list[Any] = []
+    with ThreadPoolExecutor(1) as ints, ThreadPoolExecutor(1) as strs:
+        for pool, value in ((ints, 1), (strs, "x"), (ints, 2), (strs, "y")):
+            try:
+                pool.submit(agg.add, "k", value).result()
+            except TypeError:
+                continue
+            accepted.append(value)
+    assert len(agg) == 1
+    agg.snapshot()  # a read that combines partials must not raise either
+    agg.flush()
+    delivered = agg.drain()
+    assert [key for key, _ in delivered] == ["k"] * len(delivered)
+    values = [value for _, value in delivered]
+    assert sum(v for v in accepted if isinstance(v, int)) == sum(v for v in values if isinstance(v, int))
+    assert "".join(v for v in accepted if isinstance(v, str)) == "".join(
+        v for v in values if isinstance(v, str)
+    )
+    if len(delivered) > 1:  # split: said, counted
+        assert agg.stats().flush_errors >= 1
+        assert any(r.levelno >= logging.ERROR and r.exc_info for r in caplog.records)
+    else:
+        assert agg.stats().flush_errors == 0
+
+
+@pytest.mark.clause("FLUSH-6", "ADD-5")
+def test_a_split_record_keeps_each_threads_order(make: Factory) -> None:
+    # Thread A's older value is re-queued; B, then A, add newer values; the flush
+    # fails once to combine A's newer value. Whatever splits, A's values must
+    # reach the consumer oldest first.
+    fail = {"on": ""}
+    flushing = threading.get_ident()
+
+    def merge(stored: tuple[str, ...], incoming: tuple[str, ...]) -> tuple[str, ...]:
+        if fail["on"] in incoming and threading.get_ident() == flushing:
+            fail["on"] = ""
+            raise RuntimeError("merge failed once")
+        return stored + incoming
+
+    agg = make(merge, max_pending=1)
+    with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b:
+        b.submit(agg.add, "warm", ("w",)).result()
+        a.submit(agg.add, "filler", ("f",)).result()
+        agg.flush()  # the output is full from now on
+        a.submit(agg.add, "k", ("a1",)).result()
+        agg.flush()  # "k" is re-queued
+        b.submit(agg.add, "k", ("b1",)).result()
+        a.submit(agg.add, "k", ("a2",)).result()
+        fail["on"] = "a2"
+        agg.flush()
+        fail["on"] = ""
+    order: list[str] = []
+    while agg.pending or len(agg):
+        for key, value in agg.drain():
+            if key == "k":
+                order.extend(value)
+        agg.flush()
+    assert sorted(order) == ["a1", "a2", "b1"]
+    assert [v for v in order if v.startswith("a")] == ["a1", "a2"], order
+
+
+class Interrupt(BaseException):
+    """Stands for ``KeyboardInterrupt``: a ``BaseException`` that is not an ``Exception``."""
+
+
+class InterruptingKey:
+    """A key whose ``__hash__`` raises :class:`Interrupt` once, in a thread other than ``spared``."""
+
+    armed = False
+    spared: threading.Thread | None = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        if InterruptingKey.armed and threading.current_thread() is not InterruptingKey.spared:
+            InterruptingKey.armed = False
+            raise Interrupt(f"hash of {self.name}")
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InterruptingKey) and other.name == self.name
+
+    def __repr__(self) -> str:
+        return f"InterruptingKey({self.name!r})"
+
+
+@pytest.fixture
+def interrupting() -> Any:
+    yield InterruptingKey
+    InterruptingKey.armed = False
+    InterruptingKey.spared = None
+
+
+@pytest.mark.clause("FLUSH-5", "CLOSE-5")
+def test_a_base_exception_inside_a_flush_loses_nothing(make: Factory, interrupting: Any) -> None:
+    agg = make(operator.add, max_pending=1)
+    agg.add("filler", 1)
+    agg.flush()  # the output is full: the next flush re-queues everything, hashing each key
+    key = interrupting("interrupted")
+    agg.add(key, 10)
+    agg.add("other", 100)
+    with ThreadPoolExecutor(1) as flusher:
+        interrupting.armed = True
+        try:
+            flusher.submit(agg.flush).result()
+        except Interrupt:
+            pass  # it may propagate, but only after every record is settled
+    assert not interrupting.armed, "the flush never hashed the key"
+    assert shutdown_collecting(agg) == {"filler": 1, key: 10, "other": 100}
+
+
+@pytest.mark.clause("FLUSH-5", "FLUSH-3")
+def test_the_periodic_flusher_survives_a_base_exception(
+    make: Factory, interrupting: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    agg = make(operator.add, flush_interval=0.002, max_pending=1)
+    agg.add("filler", 1)
+    deadline = time.monotonic() + 10
+    while agg.pending == 0:
+        assert time.monotonic() < deadline, "the periodic flusher never ran"
+        time.sleep(0.001)
+    key = interrupting("interrupted")
+    agg.add(key, 10)
+    interrupting.spared = threading.current_thread()
+    interrupting.armed = True  # the next tick re-queues the key and its hash raises there
+    while interrupting.armed:
+        assert time.monotonic() < deadline, "no tick hashed the key"
+        time.sleep(0.001)
+    delivered = dict(agg.drain())
+    agg.add("later", 1000)
+    while "later" not in delivered:
+        assert time.monotonic() < deadline + 10, "the periodic flusher stopped after the exception"
+        delivered.update(agg.drain())
+        time.sleep(0.002)
+    assert any(r.levelno >= logging.ERROR for r in caplog.records)
+    assert shutdown_collecting(agg, into=delivered) == {"filler": 1, key: 10, "later": 1000}

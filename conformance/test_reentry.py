@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -53,8 +55,10 @@ def test_mutating_calls_from_merge_raise(make: Factory, call: str) -> None:
     def body() -> None:  # one thread, so that "k" has one record that add() merges into
         agg.add("k", 1)
         agg.add("other", 1)
+        before = agg.stats()
         with pytest.raises(ar.ReentrantMergeError):
             agg.add("k", 2)
+        assert agg.stats() == before, "ADD-4: a refused call changes no counter"
 
     run_with_timeout(body)
     assert agg.snapshot() == {"k": 1, "other": 1}
@@ -150,3 +154,105 @@ def test_calls_from_a_requeue_merge_raise_and_the_record_is_kept(backend_name: s
     assert raised, "merge was never called to combine the re-queued record with newer data"
     assert all(isinstance(exc, ar.ReentrantMergeError) for exc in raised)
     assert sorted(failed + out) == [("k", 1), ("k", 2)]
+
+
+CALLS_WHILE_A_FLUSH_WAITS: dict[str, Callable[[Any], Any]] = {
+    "flush": lambda agg: agg.flush(),
+    "shutdown": lambda agg: agg.shutdown(timeout=1),
+    "len": len,
+    "snapshot": lambda agg: agg.snapshot(),
+    "get another key": lambda agg: agg.get("other"),
+    "add another key": lambda agg: agg.add("other", 5),
+}
+
+
+@pytest.mark.clause("REENTRY-1", "FLUSH-4")
+@pytest.mark.parametrize("periodic", [False, True], ids=["manual", "periodic"])
+@pytest.mark.parametrize("call", sorted(CALLS_WHILE_A_FLUSH_WAITS))
+def test_calls_from_merge_while_another_flush_waits_for_it(make: Factory, call: str, periodic: bool) -> None:
+    # The merge holds whatever its add holds while a flush in another thread waits
+    # for it; then the merge calls back. That must answer or raise, never deadlock.
+    in_merge, go = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+    holder: dict[str, Any] = {}
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            in_merge.set()
+            go.wait(10)
+            try:
+                outcome.append(CALLS_WHILE_A_FLUSH_WAITS[call](holder["agg"]))
+            except ar.ReentrantMergeError:
+                outcome.append("refused")
+        return stored + incoming
+
+    agg = holder["agg"] = make(merge, flush_interval=0.002 if periodic else None)
+    agg.add("other", 1)
+    flusher = None
+    with ThreadPoolExecutor(1) as writer:
+        writer.submit(agg.add, "k", 1).result()
+        adding = writer.submit(agg.add, "k", 2)
+        assert in_merge.wait(10), "merge was never called"
+        if not periodic:
+            flusher = threading.Thread(target=lambda: outcome.append(("flushed", agg.flush())), daemon=True)
+            flusher.start()
+        time.sleep(0.1)  # let the flush reach the record that merge holds
+        go.set()
+        result = run_with_timeout(lambda: adding.result(20))
+    if flusher is not None:
+        flusher.join(20)
+        assert not flusher.is_alive(), "deadlock: the flush never finished"
+    assert result is True
+    answer = [o for o in outcome if not (isinstance(o, tuple) and o[0] == "flushed")]
+    if call in ("flush", "shutdown"):
+        assert answer == ["refused"]
+    else:
+        assert len(answer) == 1
+        assert answer[0] == "refused" or call != "add another key" or answer[0] in (True, False), answer
+    delivered = shutdown_collecting(agg)
+    added_other = call == "add another key" and answer[0] != "refused"
+    assert delivered == {"k": 3, "other": 6 if added_other else 1}
+
+
+@pytest.mark.clause("REENTRY-1")
+@pytest.mark.parametrize("call", ["add", "get"])
+def test_merges_calling_each_others_keys_never_deadlock(make: Factory, call: str) -> None:
+    # Two threads merge into keys 0 and 1 (different shards or stripes) at once, and
+    # each merge calls add/get of the other key: lock A then B against B then A.
+    both_inside = threading.Barrier(2)
+    outcome: list[Any] = []
+    holder: dict[str, Any] = {}
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming < 0:
+            try:
+                both_inside.wait(2)
+            except threading.BrokenBarrierError:
+                pass  # a backend that serialises these merges never lets both in
+            other = 1 - holder["key"][threading.get_ident()]
+            try:
+                if call == "add":
+                    outcome.append(("added", other, holder["agg"].add(other, 100)))
+                else:
+                    outcome.append(("got", other, holder["agg"].get(other)))
+            except ar.ReentrantMergeError:
+                outcome.append("refused")
+            return stored + 1
+        return stored + incoming
+
+    agg = holder["agg"] = make(merge)
+    holder["key"] = {}
+
+    def write(key: int) -> None:
+        holder["key"][threading.get_ident()] = key
+        agg.add(key, 1)
+        agg.add(key, -1)
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(write, key) for key in (0, 1)]
+        run_with_timeout(lambda: [f.result(30) for f in futures], seconds=30)
+    added = {0: 0, 1: 0}
+    for entry in outcome:
+        if entry != "refused" and entry[0] == "added":
+            added[entry[1]] += 100
+    assert shutdown_collecting(agg) == {0: 2 + added[0], 1: 2 + added[1]}

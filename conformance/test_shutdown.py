@@ -7,6 +7,7 @@ import operator
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -162,3 +163,68 @@ def test_dropping_a_shut_down_aggregator_is_silent(backend_name: str) -> None:
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert threading.active_count() <= thread_count
+
+
+@pytest.mark.clause("CLOSE-4", "CLOSE-2", "CLOSE-5")
+def test_shutdown_timeout_bounds_a_merge_in_flight(make: Factory) -> None:
+    in_merge, release = threading.Event(), threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            in_merge.set()
+            release.wait(10)  # a slow merge, far longer than the timeout below
+        return stored + incoming
+
+    agg = make(merge)
+    with ThreadPoolExecutor(1) as writer:
+        writer.submit(agg.add, "k", 1).result()
+        adding = writer.submit(agg.add, "k", 2)
+        assert in_merge.wait(10)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            agg.shutdown(timeout=0.1)
+        waited = time.monotonic() - started
+        release.set()
+        assert adding.result(10) is True  # it returned, so it must be delivered (CLOSE-2)
+    assert waited < 5, f"shutdown(timeout=0.1) returned after {waited:.1f} s, while merge ran on"
+    assert not agg.closed
+    with pytest.raises(ar.AggregatorClosedError):
+        agg.add("late", 1)
+    assert shutdown_collecting(agg) == {"k": 3}
+
+
+@pytest.mark.clause("CLOSE-1", "CLOSE-4")
+def test_shutdown_waits_for_a_stalled_consumer_without_spinning(make: Factory) -> None:
+    agg = make(operator.add, max_pending=1)
+    for i in range(5):
+        agg.add(i, 1)
+    cpu, wall = time.process_time(), time.monotonic()
+    with pytest.raises(TimeoutError):
+        agg.shutdown(timeout=1.0)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    assert wall >= 0.9
+    # A waiting shutdown sleeps; one that polls burns a core (cpu close to wall).
+    assert cpu < 0.3 * wall, f"shutdown used {cpu:.2f} s of CPU in {wall:.2f} s while waiting"
+    assert shutdown_collecting(agg) == dict.fromkeys(range(5), 1)
+
+
+@pytest.mark.clause("LIFE-1")
+def test_the_resource_warning_runs_no_merge(backend_name: str) -> None:
+    # The finalizer may run in any thread, inside any lock: user code there can deadlock.
+    calls: list[threading.Thread] = []
+
+    def merge(stored: int, incoming: int) -> int:
+        calls.append(threading.current_thread())
+        return stored + incoming
+
+    agg: Any = ar.create(merge, backend=backend_name, flush_interval=None)
+    with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b:
+        for pool in (a, b, a, b):
+            pool.submit(agg.add, "k", 1).result()
+    before = len(calls)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del agg
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
+    assert len(calls) == before, "merge ran while the aggregator was being finalized"
