@@ -139,13 +139,13 @@ class AggregatorMachine(RuleBasedStateMachine):
         assert len(got) == self.pending() + expected
         older = [pair for batch in self.batches for pair in batch]
         self.batches = []
-        for key, value in got[: len(older)]:
-            assert any(repr(k) == repr(key) and v == value for k, v in older)
+        for key, record in got[: len(older)]:
+            assert any(repr(k) == repr(key) and v == record for k, v in older)
         moved = got[len(older) :]
-        for key, value in moved:
+        for key, record in moved:
             assert key in self.buffer, f"{key!r} was flushed but never buffered"
             assert repr(key) in {repr(k) for k in self.buffer if k == key}, "KEY-1: not the first key"
-            assert self.buffer[key] == value
+            assert self.buffer[key] == record
             del self.buffer[key]
         self.flushed += len(moved)
         if self.buffer:  # then add to a re-queued record, still without a read

@@ -186,8 +186,12 @@ def test_calls_from_merge_while_another_flush_waits_for_it(make: Factory, call: 
                 outcome.append("refused")
         return stored + incoming
 
-    agg = holder["agg"] = make(merge, flush_interval=0.002 if periodic else None)
+    agg = holder["agg"] = make(merge, flush_interval=0.002 if periodic else None, max_pending=1)
     agg.add("other", 1)
+    deadline = time.monotonic() + 10
+    while periodic and agg.pending == 0:  # then the output is full: "k" stays buffered
+        assert time.monotonic() < deadline, "the periodic flusher never ran"
+        time.sleep(0.001)
     flusher = None
     with ThreadPoolExecutor(1) as writer:
         writer.submit(agg.add, "k", 1).result()
