@@ -7,7 +7,6 @@ that names it; everything else in this module is written once, here.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import warnings
@@ -16,6 +15,7 @@ from collections.abc import Callable, Hashable, Iterator
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
+from . import _kit as kit
 from ._errors import AggregatorClosedError, ReentrantMergeError
 from ._output import Output
 from ._types import Merge, Stats, Storage
@@ -37,8 +37,11 @@ def _check_arguments(merge: object, flush_interval: object, max_pending: object,
             raise TypeError(
                 f"flush_interval must be a number of seconds or None, got {type(flush_interval).__name__}"
             )
-        if not (flush_interval > 0 and math.isfinite(flush_interval)):
-            raise ValueError(f"flush_interval must be > 0 seconds and finite, got {flush_interval!r}")
+        if not (0 < flush_interval <= threading.TIMEOUT_MAX):
+            raise ValueError(
+                f"flush_interval must be > 0 seconds and at most threading.TIMEOUT_MAX "
+                f"({threading.TIMEOUT_MAX:g}), got {flush_interval!r}"
+            )
     if isinstance(max_pending, bool) or not isinstance(max_pending, int):
         raise TypeError(f"max_pending must be an int, got {type(max_pending).__name__}")
     if max_pending < 1:
@@ -110,6 +113,9 @@ class BufferedAggregator(Generic[K, V]):
         self._flush_lock = threading.Lock()
         # Ident of the thread running a flush (set with _flush_lock held), to refuse re-entry.
         self._flush_owner: int | None = None
+        # Guards _closer: the one thread that runs storage.close() for shutdown().
+        self._closer_lock = threading.Lock()
+        self._closer: _Closer | None = None
         self._flushed = self._requeued = self._flushes = 0
         self._ticks_skipped = self._overflowed = self._flush_errors = 0
         self._stop = threading.Event()
@@ -137,10 +143,19 @@ class BufferedAggregator(Generic[K, V]):
         """
         if self._shutting_down:
             raise AggregatorClosedError("flush() called after shutdown() began")
-        if self._flush_owner == threading.get_ident():
-            raise ReentrantMergeError("flush() called from inside merge during a flush")
+        self._refuse_from_merge("flush()")
         with self._flush_lock:
             return self._flush_locked()[0]
+
+    def _refuse_from_merge(self, call: str) -> None:
+        """Raise ``ReentrantMergeError`` if this thread is inside a ``merge`` this aggregator runs.
+
+        Asked before waiting for anything, so that a refused call changes
+        nothing (ADD-4), and before waiting for a flush that may itself be
+        waiting for this very merge (REENTRY-1).
+        """
+        if self._flush_owner == threading.get_ident() or kit.in_user_code_of(self._storage):
+            raise ReentrantMergeError(f"{call} called from inside merge of the same aggregator")
 
     def _tick(self) -> None:
         """One periodic flush; skipped if a flush is running; never raises."""
@@ -151,7 +166,7 @@ class BufferedAggregator(Generic[K, V]):
         try:
             if not self._shutting_down:
                 self._flush_locked()
-        except Exception:
+        except BaseException:  # SystemExit or KeyboardInterrupt from merge too: keep flushing
             logger.exception("%s: periodic flush failed; records stay buffered", type(self).__name__)
             self._flush_errors += 1
         finally:
@@ -160,16 +175,26 @@ class BufferedAggregator(Generic[K, V]):
     def _flush_locked(self) -> tuple[int, int]:
         """Detach, hand off, re-queue. Only called with ``_flush_lock`` held.
 
-        Returns ``(handed_off, requeued)``.
+        Returns ``(handed_off, requeued)``. If a ``merge`` or key method raises
+        a ``BaseException`` that is not an ``Exception`` while a chunk is
+        re-queued, the rest of the flush runs no user code: what was not put
+        back is delivered past ``max_pending`` (FLUSH-5), then it is raised.
         """
         self._flush_owner = threading.get_ident()
         handed = requeued = 0
+        interrupt: BaseException | None = None
         try:
             for chunk in self._storage.detach():
                 items = list(chunk.items())
+                if interrupt is not None:  # settle without merging, deliver everything
+                    self._storage.requeue(chunk, [])
+                    self._deliver_unrequeueable(items)
+                    handed += len(items)
+                    continue
                 taken = self._output.offer(items)
                 leftover = items[taken:] if taken < len(items) else []
                 failed = self._storage.requeue(chunk, leftover)
+                interrupt = getattr(failed, "interrupt", None)
                 handed += taken
                 requeued += len(leftover) - len(failed)
                 if failed:
@@ -180,6 +205,8 @@ class BufferedAggregator(Generic[K, V]):
             self._flushes += 1
             self._flushed += handed
             self._requeued += requeued
+        if interrupt is not None:
+            raise interrupt
         return handed, requeued
 
     def _deliver_unrequeueable(self, failed: list[tuple[K, V]]) -> None:
@@ -267,7 +294,8 @@ class BufferedAggregator(Generic[K, V]):
             flushes=self._flushes,
             ticks_skipped=self._ticks_skipped,
             overflowed=self._overflowed,
-            flush_errors=self._flush_errors,
+            # A storage that combines records on its own (FLUSH-6) counts what raised there.
+            flush_errors=self._flush_errors + getattr(self._storage, "merge_errors", 0),
         )
 
     # -- shutting down -----------------------------------------------------------
@@ -286,15 +314,13 @@ class BufferedAggregator(Generic[K, V]):
         """
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
-        if self._flush_owner == threading.get_ident():
-            raise ReentrantMergeError("shutdown() called from inside merge during a flush")
+        self._refuse_from_merge("shutdown()")
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._closed:
             return
-        # First, so that a call from inside merge is refused before anything changes.
-        self._storage.close()
         self._shutting_down = True
         self._stop.set()
+        self._close_storage(deadline)
         flusher = self._flusher
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(_remaining(deadline))
@@ -318,6 +344,30 @@ class BufferedAggregator(Generic[K, V]):
                 )
         self._output.close()
         self._closed = True
+
+    def _close_storage(self, deadline: float | None) -> None:
+        """``storage.close()``, which waits for adds in flight, within ``deadline`` (CLOSE-4).
+
+        It runs in a helper thread, so that a ``merge`` in flight (however slow)
+        cannot hold the caller past its timeout; a later ``shutdown()`` waits for
+        the same helper instead of starting another.
+        """
+        stop_adds = getattr(self._storage, "stop_adds", None)
+        if stop_adds is not None:
+            stop_adds()  # at once: add() is refused even if close() must wait past the timeout
+        with self._closer_lock:
+            closer = self._closer
+            if closer is None:
+                closer = self._closer = _Closer(self._storage, type(self).__name__)
+        if not closer.done.wait(_remaining(deadline)):
+            raise TimeoutError(
+                "shutdown() timed out waiting for add() calls in flight (a merge still running); "
+                "nothing was lost, call shutdown() again"
+            )
+        if closer.error is not None:
+            with self._closer_lock:
+                self._closer = None  # let a later shutdown() try again
+            raise closer.error
 
     def __enter__(self) -> BufferedAggregator[K, V]:
         return self
@@ -355,6 +405,24 @@ class BufferedAggregator(Generic[K, V]):
             f"<{type(self).__name__} {state} buffered={len(self)} pending={self.pending} "
             f"shards={self.shards}>"
         )
+
+
+class _Closer:
+    """Runs ``storage.close()`` once, in a daemon thread; ``done`` is set when it has returned."""
+
+    def __init__(self, storage: Storage[Any, Any], name: str) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._storage = storage
+        threading.Thread(target=self._run, name=f"{name}-closer", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._storage.close()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -16,6 +16,8 @@ from typing import Any, NoReturn, TypeVar
 from ._errors import AggregatorClosedError, ReentrantMergeError
 
 __all__ = [
+    "CALLBACK_WAIT",
+    "Unsettled",
     "acquire_all",
     "call_holding",
     "count_visible",
@@ -24,6 +26,7 @@ __all__ = [
     "holding",
     "holding_all",
     "holds_locks",
+    "in_user_code_of",
     "lookup",
     "refuse_closed",
     "refuse_reentrant",
@@ -40,6 +43,11 @@ T = TypeVar("T")
 #: Code objects of storage methods that may run user code while holding a lock.
 _HOLDERS: set[Any] = set()
 
+#: Seconds a call made from inside ``merge`` (while a storage lock is held further
+#: up the stack) waits for another lock before it is refused: two such merges
+#: that wait for each other's locks would otherwise deadlock (REENTRY-1).
+CALLBACK_WAIT = 1.0
+
 
 def holds_locks(function: F) -> F:
     """Mark a storage method that runs user code (``merge``, key ``__hash__``/``__eq__``) holding a lock.
@@ -54,15 +62,17 @@ def holds_locks(function: F) -> F:
     return function
 
 
-def _held_by_this_thread(lock: Any, frame: FrameType | None) -> bool:
-    """Whether a marked frame from ``frame`` upwards holds ``lock``."""
+def _locks_held(frame: FrameType | None) -> list[Any]:
+    """The locks that marked frames from ``frame`` upwards hold."""
+    held: list[Any] = []
     while frame is not None:
         if frame.f_code in _HOLDERS:
             local = frame.f_locals
-            if local.get("held") is lock or any(lock is h for h in local.get("all_held", ())):
-                return True
+            if local.get("held") is not None:
+                held.append(local["held"])
+            held.extend(local.get("all_held", ()))
         frame = frame.f_back
-    return False
+    return held
 
 
 def held_by_this_thread(lock: Any) -> bool:
@@ -70,7 +80,27 @@ def held_by_this_thread(lock: Any) -> bool:
 
     It walks the stack: for checks off the hot path.
     """
-    return _held_by_this_thread(lock, sys._getframe(1))
+    return any(lock is h for h in _locks_held(sys._getframe(1)))
+
+
+def in_user_code_of(owner: object) -> bool:
+    """Whether this thread is inside user code that ``owner`` (a storage) is running.
+
+    True when a frame marked with :func:`holds_locks` is on this thread's stack
+    at or below a frame whose ``self`` is ``owner``: the call comes from a
+    ``merge`` (or key method) that one of ``owner``'s methods runs. The engine
+    asks this before ``flush()`` and ``shutdown()`` wait for anything, so that
+    such a call raises ``ReentrantMergeError`` instead of waiting for a flush
+    that waits for this very merge. It walks the stack: off the hot path only.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    marked = False
+    while frame is not None:
+        marked = marked or frame.f_code in _HOLDERS
+        if marked and frame.f_locals.get("self") is owner:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def finish_acquire(lock: Any, call: str = "this call") -> None:
@@ -82,24 +112,40 @@ def finish_acquire(lock: Any, call: str = "this call") -> None:
     GIL, yield it until the lock is free. Without the GIL, block, looking every
     20 ms whether the wait could ever end.
 
+    A call from inside ``merge`` (a frame marked with :func:`holds_locks`
+    further up this stack holds a lock) waits at most :data:`CALLBACK_WAIT`
+    seconds: the thread holding ``lock`` may be waiting for the lock this
+    thread holds (merges calling each other's keys), and one of the two must
+    give way.
+
     Raises:
         ReentrantMergeError: a frame marked with :func:`holds_locks` further up
-            this thread's stack holds ``lock``: the call comes from inside a
-            ``merge`` (or key method) that the storage is running.
+            this thread's stack holds ``lock`` (the call comes from inside a
+            ``merge``, or key method, that the storage is running), or holds
+            another lock and ``lock`` stayed taken for :data:`CALLBACK_WAIT` s.
     """
     above = sys._getframe(1).f_back  # the frame that failed to acquire is not holding yet
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    spins = 0
+    checked = False
+    give_up: float | None = None  # set when this thread holds other locks up its stack
     while True:
         if gil:
             if lock.acquire(False):
                 return
-            spins += 1
         elif lock.acquire(timeout=0.02):
             return
-        # Without the GIL: after each timeout; with it: at the 2nd try, then every 64th.
-        if (not gil or (spins & 63) == 1) and _held_by_this_thread(lock, above):
-            refuse_reentrant(call)
+        if not checked:  # once, lazily: the stack above does not change while waiting
+            checked = True
+            held = _locks_held(above)
+            if any(lock is h for h in held):
+                refuse_reentrant(call)
+            if held:
+                give_up = time.monotonic() + CALLBACK_WAIT
+        elif give_up is not None and time.monotonic() > give_up:
+            raise ReentrantMergeError(
+                f"{call} called from inside merge waited {CALLBACK_WAIT} s for a lock that another "
+                "thread holds while this merge holds one; refused rather than risk a deadlock"
+            )
         if gil:
             time.sleep(0)
 
@@ -170,16 +216,31 @@ def refuse_reentrant(call: str) -> NoReturn:
     raise ReentrantMergeError(f"{call} called from inside merge of the same aggregator")
 
 
+class Unsettled(list[tuple[K, V]]):
+    """The pairs a re-queue could not put back, and the ``BaseException`` that stopped it, if any.
+
+    :func:`requeue_into` returns one. When ``interrupt`` is set (a ``merge`` or
+    key method raised ``KeyboardInterrupt``, ``SystemExit``...), the list holds
+    the pair it was raised for and every pair after it, untouched; the engine
+    delivers them, settles the rest of the flush without running user code,
+    then raises ``interrupt``.
+    """
+
+    interrupt: BaseException | None = None
+
+
 def requeue_into(
     data: dict[K, V], leftover: Iterable[tuple[K, V]], merge: Callable[[V, V], V]
-) -> list[tuple[K, V]]:
+) -> Unsettled[K, V]:
     """Put ``leftover`` back into ``data``, older first: ``merge(leftover_value, newer)``.
 
     Returns the pairs that could not be put back because ``merge`` or the
     key's ``__hash__``/``__eq__`` raised; ``data`` keeps its newer record then.
+    A ``BaseException`` that is not an ``Exception`` stops the loop: see :class:`Unsettled`.
     """
-    failed: list[tuple[K, V]] = []
-    for key, value in leftover:
+    failed: Unsettled[K, V] = Unsettled()
+    pairs = list(leftover)
+    for index, (key, value) in enumerate(pairs):
         try:
             if key in data:
                 merged = merge(value, data[key])
@@ -189,6 +250,10 @@ def requeue_into(
             data[key] = merged
         except Exception:
             failed.append((key, value))
+        except BaseException as exc:
+            failed.extend(pairs[index:])
+            failed.interrupt = exc
+            break
     return failed
 
 

@@ -92,8 +92,11 @@ class ReferenceStorage(Generic[K, V]):
 
         return kit.call_holding(self._lock, "flush()", settle)
 
+    def stop_adds(self) -> None:
+        self._closed = True  # add() reads it under the lock; an add already past the check finishes
+
     def close(self) -> None:
-        with kit.holding(self._lock, "shutdown()"):
+        with kit.holding(self._lock, "shutdown()"):  # waits for the add in flight
             self._closed = True
 
     def counts(self) -> tuple[int, int]:

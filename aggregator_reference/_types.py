@@ -200,9 +200,21 @@ class Storage(Protocol[K, V]):
         ...
 
     def close(self) -> None:
-        """From now on ``add`` raises ``AggregatorClosedError``; return once no ``add`` is in flight."""
+        """From now on ``add`` raises ``AggregatorClosedError``; return once no ``add`` is in flight.
+
+        The engine runs it in a helper thread, so that ``shutdown(timeout=...)``
+        stays bounded while a slow ``merge`` is in flight. A storage may also
+        offer ``stop_adds()``: the same refusal, returning at once without
+        waiting; the engine calls it first, so that ``add`` is refused as soon
+        as ``shutdown()`` begins even when ``close`` has to wait (CLOSE-2, CLOSE-4).
+        """
         ...
 
     def counts(self) -> tuple[int, int]:
-        """``(merges, stored)`` so far; must not wait for a lock that ``merge`` may be holding."""
+        """``(merges, stored)`` so far; must not wait for a lock that ``merge`` may be holding.
+
+        A storage that runs ``merge`` on its own (combining partial records,
+        FLUSH-6) may also have a ``merge_errors`` attribute: how many of those
+        raised and were logged. ``stats().flush_errors`` includes it.
+        """
         ...

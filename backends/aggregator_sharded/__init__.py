@@ -113,22 +113,20 @@ class ShardedStorage(Generic[K, V]):
         return total
 
     def detach(self) -> list[Mapping[K, V]]:
+        # Refused before any shard is detached: nothing to undo (an undo would merge, and could fail).
+        if kit.in_user_code_of(self):
+            kit.refuse_reentrant("flush()")
         chunks: list[Mapping[K, V]] = []
-        try:
-            for shard in self._shards:
-                if not shard.data:  # unlocked peek: an empty shard costs nothing
+        for shard in self._shards:
+            if not shard.data:  # unlocked peek: an empty shard costs nothing
+                continue
+            with kit.holding(shard.lock, "flush()"):  # outside user code: waits, never refuses
+                if not shard.data:
                     continue
-                with kit.holding(shard.lock, "flush()"):
-                    if not shard.data:
-                        continue
-                    chunk, shard.data = shard.data, {}
-                    shard.transit = (chunk,)
-                self._owner[id(chunk)] = shard
-                chunks.append(chunk)
-        except ar.ReentrantMergeError:
-            for detached in chunks:  # undo: nothing may stay detached
-                self.requeue(detached, list(detached.items()))
-            raise
+                chunk, shard.data = shard.data, {}
+                shard.transit = (chunk,)
+            self._owner[id(chunk)] = shard
+            chunks.append(chunk)
         return chunks
 
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
@@ -141,8 +139,12 @@ class ShardedStorage(Generic[K, V]):
 
         return kit.call_holding(shard.lock, "flush()", settle)
 
+    def stop_adds(self) -> None:
+        for shard in self._shards:  # add() reads it under the shard's lock
+            shard.closed = True
+
     def close(self) -> None:
-        with kit.holding_all([shard.lock for shard in self._shards], "shutdown()"):
+        with kit.holding_all([shard.lock for shard in self._shards], "shutdown()"):  # adds in flight
             for shard in self._shards:
                 shard.closed = True
 

@@ -100,8 +100,11 @@ class StripedStorage(Generic[K, V]):
         finally:
             kit.release_all(all_held)
 
+    def stop_adds(self) -> None:
+        self._closed = True  # add() reads it under a stripe; an add already past the check finishes
+
     def close(self) -> None:
-        with kit.holding_all(self._stripes, "shutdown()"):
+        with kit.holding_all(self._stripes, "shutdown()"):  # waits for the adds in flight
             self._closed = True
 
     def counts(self) -> tuple[int, int]:
