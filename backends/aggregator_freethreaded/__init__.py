@@ -5,9 +5,18 @@ with ``--disable-gil``): ``add`` shares nothing mutable between writers, not a
 dict, not a lock, not a counter. Each thread's buffer is registered, so a
 flush also reaches the buffers of threads that have exited (and drops them
 once empty). Partial records of one key from different threads are merged at
-flush and by the reads, which move every partial record into the reading
-thread's own buffer (so ``add`` returns ``False`` when only another thread
-holds a record for the key, and ``stats().stored`` counts partial records).
+flush, and by ``get`` and ``snapshot``, which move every record into one shared
+dict, the *home*, where re-queued records wait too (``len`` only counts). An
+``add`` whose key is not in its thread's buffer but at home takes the record
+from home into that buffer and merges into it (ADD-1), so with one writer
+thread ``add`` returns ``True`` exactly when the key is buffered. It returns
+``False`` when only another thread holds a partial record for the key, and
+``stats().stored`` counts partial records.
+
+Order (ADD-5, KEY-1): records at home are older than every partial; a partial
+taken from home is the oldest of its key; other partials are combined in the
+order their first add happened (a ``time.monotonic_ns()`` stamp taken when an
+``add`` stores a new partial), and the key object kept is the earliest one.
 
 On a GIL build the buffer needs no lock at all: the owner marks its buffer
 busy while it adds, and a flush that detaches a busy buffer waits for it.
@@ -15,6 +24,7 @@ busy while it adds, and a flush that detaches a busy buffer waits for it.
 
 from __future__ import annotations
 
+import logging
 import sysconfig
 import threading
 import time
@@ -33,21 +43,32 @@ T = TypeVar("T")
 #: Whether this CPython was built with ``--disable-gil`` (the GIL may still be on at run time).
 FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
+logger = logging.getLogger("aggregator_reference")
+
+_now = time.monotonic_ns
+#: The stamp of a partial taken from home: older than any other partial of its key.
+_FROM_HOME = -1
+#: The stamp of a record at home (not stored): older than every partial.
+_HOME = -2
+
 
 @final
 class _Buffer(Generic[K, V]):
     """One thread's records.
 
-    Only the owner thread writes ``busy``, ``merges``, ``stored``, and writes
-    into ``data``; other threads replace ``data`` (taking the records out)
-    only while holding the storage's ``_shared`` lock, and on free-threaded
-    builds also ``lock``, which the owner holds for the whole of each ``add``.
+    ``state`` is ``(records, firsts)``: the records, and the stamp of the add
+    that stored each one; it is replaced whole, so that a flush takes both at
+    once. Only the owner thread writes ``busy``, ``merges``, ``stored``, and
+    writes into ``state``'s dicts; other threads replace ``state`` (taking the
+    records out) only while holding the storage's ``_shared`` lock, and on
+    free-threaded builds also ``lock``, which the owner holds for the whole of
+    each ``add``.
     """
 
-    __slots__ = ("busy", "data", "lock", "merges", "owner", "stored")
+    __slots__ = ("busy", "lock", "merges", "owner", "state", "stored")
 
     def __init__(self, owner: threading.Thread) -> None:
-        self.data: dict[K, V] = {}
+        self.state: tuple[dict[K, V], dict[K, int]] = ({}, {})
         self.lock = threading.Lock()
         self.busy = False  # the owner is inside add(), or inside a merge run on its behalf
         self.merges = 0
@@ -88,28 +109,34 @@ def _wait_until_idle(buffer: _Buffer[Any, Any]) -> None:
 
 @final
 class FreeThreadedStorage(Generic[K, V]):
-    """A :class:`~aggregator_reference.Storage` of per-thread buffers.
+    """A :class:`~aggregator_reference.Storage` of per-thread buffers around one shared home.
 
     Thread safety: ``add`` touches only the calling thread's buffer (and, on
-    free-threaded builds, that buffer's uncontended lock). ``_shared`` (an
-    ``RLock``) guards ``_home``, ``_transit``, ``_orphans`` and ``_accounts``,
-    and is held by ``detach``/``requeue``/``close`` and the reads, never by
-    ``add``; with it held, a buffer's ``lock`` may be taken, one at a time.
-    Reads from inside ``merge`` raise ``ReentrantMergeError`` (they would have
-    to move the record that ``merge`` is working on).
+    free-threaded builds, that buffer's uncontended lock), except when its key
+    is at home. ``_shared`` (an ``RLock``) guards ``_home``, ``_home_keys``,
+    ``_transit``, ``_orphans`` and ``_accounts``, and is held by ``detach``,
+    ``requeue``, ``close``, the reads, and an ``add`` that takes a record from
+    home; with it held, a buffer's ``lock`` may be taken, one at a time (lock
+    order: ``_shared``, then a buffer's ``lock``). ``get``, ``snapshot`` and
+    ``len`` from inside ``merge`` raise ``ReentrantMergeError``, and so does
+    ``add`` of any key (the thread's buffer is busy).
     """
 
     def __init__(self, merge: Callable[[V, V], V], shards: int | None = None) -> None:
         self._merge = merge
         self._local = threading.local()
         self._closed = False
-        # Guards everything below; never held by add().
+        # Guards everything below; held by add() only to take a record from home.
         self._shared = threading.RLock()
-        self._home: dict[K, V] = {}  # re-queued records: older than any buffer's data
+        self._home: dict[K, V] = {}  # re-queued and read records: older than any buffer's data
+        self._home_keys: dict[K, K] = {}  # key -> the key object stored at home (KEY-1)
         self._transit: tuple[Mapping[K, V], ...] = ()  # detached, not yet settled
-        self._orphans: list[tuple[K, V]] = []  # partials whose merge raised while moving them
+        # Older halves of records split because merge raised (FLUSH-6), oldest first.
+        self._orphans: list[tuple[K, V]] = []
         # (buffers, (merges, stored) of dropped buffers), replaced whole so counts() needs no lock.
         self._accounts: tuple[tuple[_Buffer[K, V], ...], tuple[int, int]] = ((), (0, 0))
+        #: Merges that raised while partial records were combined, logged (FLUSH-6).
+        self.merge_errors = 0
         self.add: Callable[[K, V], bool] = self._add_locked if FREE_THREADED_BUILD else self._add_gil
 
     @property
@@ -127,6 +154,7 @@ class FreeThreadedStorage(Generic[K, V]):
         self._local.buffer = buffer
         return buffer
 
+    @kit.holds_locks
     def _add_gil(self, key: K, value: V, /) -> bool:
         """``add`` on GIL builds: no lock; ``busy`` tells a flush to wait."""
         try:
@@ -139,16 +167,20 @@ class FreeThreadedStorage(Generic[K, V]):
         try:
             if self._closed:
                 kit.refuse_closed("add()")
-            data = buffer.data
+            data, firsts = buffer.state
             if key in data:
                 data[key] = self._merge(data[key], value)
                 buffer.merges += 1
                 return True
-            data[key] = value
-            buffer.stored += 1
-            return False
+            home = self._home
+            if not (home and key in home):
+                data[key] = value
+                firsts[key] = _now()
+                buffer.stored += 1
+                return False
         finally:
             buffer.busy = False
+        return self._add_from_home(buffer, key, value)
 
     @kit.holds_locks
     def _add_locked(self, key: K, value: V, /) -> bool:
@@ -163,16 +195,50 @@ class FreeThreadedStorage(Generic[K, V]):
         try:
             if self._closed:
                 kit.refuse_closed("add()")
-            data = buffer.data
+            data, firsts = buffer.state
             if key in data:
                 data[key] = self._merge(data[key], value)
                 buffer.merges += 1
                 return True
-            data[key] = value
-            buffer.stored += 1
-            return False
+            home = self._home
+            if not (home and key in home):
+                data[key] = value
+                firsts[key] = _now()
+                buffer.stored += 1
+                return False
         finally:
             held.release()
+        return self._add_from_home(buffer, key, value)
+
+    @kit.holds_locks
+    def _add_from_home(self, buffer: _Buffer[K, V], key: K, value: V) -> bool:
+        """The rest of an ``add`` whose key is at home: take that record into this thread's buffer.
+
+        Off the hot path: once per key after each re-queue or read. The record
+        becomes the oldest partial of its key, under the key object stored first.
+        """
+        held = buffer.lock
+        with self._shared, held:
+            buffer.busy = True
+            try:
+                if self._closed:
+                    kit.refuse_closed("add()")
+                data, firsts = buffer.state
+                home = self._home
+                if key in home:
+                    merged = self._merge(home[key], value)  # if it raises, home keeps the record
+                    original = self._home_keys.pop(key, key)
+                    del home[key]
+                    data[original] = merged
+                    firsts[original] = _FROM_HOME
+                    buffer.merges += 1
+                    return True
+                data[key] = value  # a flush took it meanwhile
+                firsts[key] = _now()
+                buffer.stored += 1
+                return False
+            finally:
+                buffer.busy = False
 
     # -- moving records between buffers ----------------------------------------------
 
@@ -186,31 +252,68 @@ class FreeThreadedStorage(Generic[K, V]):
             kit.refuse_reentrant(call)
         return buffer
 
-    def _take(self, buffer: _Buffer[K, V]) -> dict[K, V]:
-        """Take every record out of another thread's buffer (with ``_shared`` held)."""
-        if FREE_THREADED_BUILD:
+    def _take(self, buffer: _Buffer[K, V], me: _Buffer[K, V]) -> tuple[dict[K, V], dict[K, int]]:
+        """Take every record out of a buffer (with ``_shared`` and ``me.lock`` held)."""
+        if buffer is me:
+            taken, me.state = me.state, ({}, {})
+        elif FREE_THREADED_BUILD:
             with buffer.lock:
-                taken, buffer.data = buffer.data, {}
-            return taken
-        taken, buffer.data = buffer.data, {}
-        _wait_until_idle(buffer)  # an add may still be writing into ``taken``
+                taken, buffer.state = buffer.state, ({}, {})
+        else:
+            taken, buffer.state = buffer.state, ({}, {})
+            _wait_until_idle(buffer)  # an add may still be writing into ``taken``
         return taken
 
-    def _fold(self, into: dict[K, V], records: Mapping[K, V]) -> None:
-        """Merge ``records`` (newer) into ``into`` (older).
+    def _fold(
+        self, into: dict[K, V], stamps: dict[K, int], records: dict[K, V], firsts: dict[K, int]
+    ) -> None:
+        """Combine one buffer's ``records`` into ``into``, the partial whose first add came first on the left.
 
-        A record whose ``merge`` or key ``__hash__``/``__eq__`` raises becomes an
-        orphan: kept aside, delivered as a record of its own by the next flush.
+        A record whose ``merge`` raises splits (FLUSH-6): its older half waits in
+        ``_orphans`` and is delivered first. A record whose key's
+        ``__hash__``/``__eq__`` raises becomes an orphan as a whole.
         """
         merge = self._merge
-        for key, value in records.items():
+        pairs = list(records.items())
+        for index, (key, value) in enumerate(pairs):
+            stamp = firsts.get(key, 0)
             try:
-                if key in into:
-                    into[key] = merge(into[key], value)
-                else:
+                if key not in into:
                     into[key] = value
+                    stamps[key] = stamp
+                elif stamp < stamps.get(key, _HOME):  # this partial began first: it goes left
+                    stored = into.pop(key)
+                    try:
+                        into[key] = merge(value, stored)
+                    except BaseException:
+                        into[key] = stored
+                        raise
+                    stamps[key] = stamp
+                else:
+                    into[key] = merge(into[key], value)
             except Exception:
-                self._orphans.append((key, value))
+                self._split(into, stamps, key, value, stamp)
+            except BaseException:  # KeyboardInterrupt: keep what is left, then let it through
+                self._orphans.extend(pairs[index:])
+                raise
+
+    def _split(self, into: dict[K, V], stamps: dict[K, int], key: K, value: V, stamp: int) -> None:
+        """Keep both halves of a record ``merge`` could not combine, older first; log and count it."""
+        self.merge_errors += 1
+        logger.error(
+            "freethreaded: merge raised while combining two threads' records of key %r; "
+            "the record splits in two, both are delivered, older first",
+            key,
+            exc_info=True,
+        )
+        try:
+            if key in into and stamp >= stamps.get(key, _HOME):
+                self._orphans.append((key, into[key]))  # the older half goes first
+                into[key] = value
+                return
+        except Exception:
+            pass
+        self._orphans.append((key, value))
 
     @kit.holds_locks
     def _with_own_merging(self, me: _Buffer[K, V], work: Callable[[], T]) -> T:
@@ -224,50 +327,47 @@ class FreeThreadedStorage(Generic[K, V]):
                 me.busy = False
 
     def _gather(self, me: _Buffer[K, V]) -> dict[K, V]:
-        """Take every record out, merged older first; drop the emptied buffers of exited threads.
+        """Take every record out, home's first; drop the emptied buffers of exited threads.
 
-        Older first means: re-queued records, then the buffers in registry
-        order. The registry is kept so that a buffer holding records gathered
-        by a read comes first (see :meth:`_consolidated`): every other
-        buffer's records are newer than those. Called with ``_shared`` held.
+        Called with ``_shared`` held. A ``BaseException`` from ``merge``
+        (``KeyboardInterrupt``) leaves what was gathered at home and what was
+        being folded among the orphans, then propagates: nothing is lost.
         """
 
         def gather() -> dict[K, V]:
-            gathered, self._home = self._home, {}
+            gathered, self._home, self._home_keys = self._home, {}, {}
+            stamps: dict[K, int] = {}
             buffers, (merges, stored) = self._accounts
             kept = []
-            for buffer in buffers:
-                # Asked before taking: a thread seen dead can add nothing after the take.
-                alive = buffer is me or buffer.owner.is_alive()
-                if buffer is me:
-                    taken, me.data = me.data, {}
-                else:
-                    taken = self._take(buffer)
-                if gathered:
-                    self._fold(gathered, taken)
-                else:
-                    gathered = taken  # nothing older: adopt the dict instead of copying it
-                if alive:
-                    kept.append(buffer)
-                else:
-                    merges, stored = merges + buffer.merges, stored + buffer.stored
+            try:
+                for buffer in buffers:
+                    # Asked before taking: a thread seen dead can add nothing after the take.
+                    alive = buffer is me or buffer.owner.is_alive()
+                    records, firsts = self._take(buffer, me)
+                    if gathered:
+                        self._fold(gathered, stamps, records, firsts)
+                    else:
+                        gathered, stamps = records, firsts  # nothing older: adopt the dicts
+                    if alive:
+                        kept.append(buffer)
+                    else:
+                        merges, stored = merges + buffer.merges, stored + buffer.stored
+            except BaseException:
+                self._home_at(gathered)  # the buffers not reached keep their records
+                raise
             self._accounts = (tuple(kept), (merges, stored))
             return gathered
 
         return self._with_own_merging(me, gather)
 
-    def _consolidated(self, me: _Buffer[K, V]) -> _Buffer[K, V]:
-        """Move every record into the calling thread's buffer, for a read; return that buffer.
+    def _home_at(self, records: dict[K, V]) -> None:
+        """Make ``records`` the home (their key objects are the ones stored first)."""
+        self._home = records
+        self._home_keys = {key: key for key in records}
 
-        That buffer then holds the oldest records of every thread, so it moves
-        to the front of the registry. Called with ``_shared`` held.
-        """
-        gathered = self._gather(me)
-        with me.lock:
-            me.data = gathered
-        buffers, retired = self._accounts
-        self._accounts = ((me, *(b for b in buffers if b is not me)), retired)
-        return me
+    def _consolidate(self, me: _Buffer[K, V]) -> None:
+        """Move every record home, partials combined, for a read. Called with ``_shared`` held."""
+        self._home_at(self._gather(me))
 
     def _others(self) -> list[Mapping[K, V]]:
         return [*self._transit, _Pairs(self._orphans)]
@@ -278,20 +378,25 @@ class FreeThreadedStorage(Generic[K, V]):
         hash(key)  # an unhashable key fails before anything moves
         me = self._own("get()")  # before _shared: a flush holding it may be waiting for this thread
         with self._shared:
-            self._consolidated(me)
-            return kit.lookup(me.data, self._others(), key, default)
+            self._consolidate(me)
+            return kit.lookup(self._home, self._others(), key, default)
 
     def snapshot(self) -> dict[K, V]:
         me = self._own("snapshot()")
         with self._shared:
-            self._consolidated(me)
-            return kit.visible_records(me.data, self._others())
+            self._consolidate(me)
+            return kit.visible_records(self._home, self._others())
 
     def __len__(self) -> int:
-        me = self._own("len()")
+        """Counts the keys without merging anything (the engine's finalizer calls it too)."""
+        self._own("len()")
         with self._shared:
-            self._consolidated(me)
-            return kit.count_visible(me.data, self._others())
+            keys: set[K] = set(self._home)
+            for buffer in self._accounts[0]:
+                keys.update(list(buffer.state[0]))  # one call copies it: its owner may be adding
+            for chunk in self._others():
+                keys.update(chunk)
+            return len(keys)
 
     # -- flushing ------------------------------------------------------------------
 
@@ -300,18 +405,36 @@ class FreeThreadedStorage(Generic[K, V]):
         with self._shared:
             gathered = self._gather(me)
             orphans, self._orphans = self._orphans, []
-            chunks: list[Mapping[K, V]] = [gathered] if gathered else []
-            if orphans:
-                chunks.append(_Pairs(orphans))
+            chunks: list[Mapping[K, V]] = [_Pairs(orphans)] if orphans else []  # older halves first
+            if gathered:
+                chunks.append(gathered)
             self._transit = tuple(chunks)
             return chunks
 
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
         me = self._own("flush()")
         with self._shared:
-            failed = self._with_own_merging(me, lambda: kit.requeue_into(self._home, leftover, self._merge))
+            if isinstance(chunk, _Pairs):
+                # Halves of split records: merging them back could only fail again and
+                # reorder them; the engine delivers them past max_pending (FLUSH-6).
+                failed: list[tuple[K, V]] = kit.Unsettled(leftover)
+            else:
+                failed = self._with_own_merging(me, lambda: self._requeue_home(leftover))
             self._transit = tuple(c for c in self._transit if c is not chunk)
             return failed
+
+    def _requeue_home(self, leftover: list[tuple[K, V]]) -> kit.Unsettled[K, V]:
+        """Put ``leftover`` back at home, older first, remembering each record's key object."""
+        home, keys = self._home, self._home_keys
+        failed = kit.requeue_into(home, leftover, self._merge)
+        unsettled = {id(key) for key, _ in failed}
+        for key, _ in leftover:
+            if id(key) not in unsettled:
+                keys[key] = key  # requeue_into stored the leftover's (older) key object
+        return failed
+
+    def stop_adds(self) -> None:
+        self._closed = True  # every add reads it while its buffer is busy or locked
 
     def close(self) -> None:
         self._own("shutdown()")
