@@ -2,6 +2,12 @@
 
 ``--backend NAME`` (repeatable) restricts the run; by default every backend in
 the ``aggregator_reference.backends`` entry-point group is tested.
+
+A deadlock fails, never hangs: each test has a time limit (pytest-timeout,
+thread method, :data:`~._timeouts.DEFAULT_TIMEOUT` seconds unless ``--timeout``
+says otherwise) after which the run stops naming the test, its clauses and
+every thread's stack (see ``_timeouts``); and every wait in these helpers is
+bounded and fails with a message saying what it waited for (see ``_waits``).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +25,9 @@ from hypothesis import HealthCheck, settings
 
 import aggregator_reference as ar
 
+from . import _timeouts
 from ._spec import contract_clauses
+from ._waits import call_bounded, peek
 
 settings.register_profile(
     "ci",
@@ -47,8 +55,49 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-timeout reads the options it defaults
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "clause(*ids): the spec/CONTRACT.md clauses this test checks")
+    _timeouts.configure(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    return _timeouts.set_timer(item, settings)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> bool | None:
+    return _timeouts.cancel_timer(item)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    _timeouts.configure_worker(node)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(report: Any) -> None:
+    _timeouts.add_report_to_crash(report)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    before = set(threading.enumerate())
+    try:
+        return (yield)
+    finally:
+        _timeouts.note_threads_left(item, before)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_timeouts.EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _timeouts.remove_reports(config)
+    _timeouts.check_threads_at_exit(config, config.stash.get(_timeouts.EXIT_STATUS, 1))
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
@@ -88,31 +137,61 @@ def fast_switching() -> Iterator[None]:
     sys.setswitchinterval(previous)
 
 
+#: Seconds the shutdown helpers keep draining and retrying before they fail.
+SHUTDOWN_LIMIT = 60.0
+#: Extra seconds before a call that never returns is declared wedged, so that
+#: the helper's own deadline, with its fuller message, comes first.
+GRACE = 5.0
+
+
+def describe(aggregator: Any) -> str:
+    """What ``aggregator`` still holds, read without waiting on a wedged backend."""
+    pending = peek(lambda: aggregator.pending)
+    buffered = peek(lambda: len(aggregator))
+    return f"{pending} record(s) pending in the output, {buffered} key(s) buffered"
+
+
 def shutdown_collecting(
     aggregator: Any,
     merge: Callable[[Any, Any], Any] = operator.add,
     into: dict[Any, Any] | None = None,
+    *,
+    limit: float = SHUTDOWN_LIMIT,
 ) -> dict[Any, Any]:
-    """Shut ``aggregator`` down while draining it; return everything delivered, folded per key."""
+    """Shut ``aggregator`` down while draining it; return everything delivered, folded per key.
+
+    Raises ``AssertionError`` saying what is still pending and buffered when it
+    is not shut down after ``limit`` seconds, or when a call into it does not
+    return (the calls run in a daemon thread, so a wedged lock fails too).
+    """
     delivered: dict[Any, Any] = {} if into is None else into
+    name = type(aggregator).__name__
+    deadline = time.monotonic() + limit
 
     def take() -> None:
         for key, value in aggregator.drain():
             delivered[key] = merge(delivered[key], value) if key in delivered else value
 
-    while not aggregator.closed:
+    def until_closed() -> None:
+        while not aggregator.closed:
+            take()
+            try:
+                aggregator.shutdown(timeout=0.05)
+            except TimeoutError as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"{name} still not shut down after {limit:g} s of draining and calling "
+                        f"shutdown(): {describe(aggregator)}; the last shutdown() said: {exc}"
+                    ) from exc
         take()
-        try:
-            aggregator.shutdown(timeout=0.05)
-        except TimeoutError:
-            continue
-    take()
+
+    call_bounded(until_closed, limit + GRACE, f"shutdown() of {name}", state=lambda: describe(aggregator))
     return delivered
 
 
-def close_quietly(aggregator: Any) -> None:
-    """Shut ``aggregator`` down, draining whatever a test left in its output."""
-    shutdown_collecting(aggregator, lambda stored, incoming: stored)
+def close_quietly(aggregator: Any, *, limit: float = SHUTDOWN_LIMIT) -> None:
+    """Shut ``aggregator`` down, dropping what a test left in its output; bounded like the above."""
+    shutdown_collecting(aggregator, lambda stored, incoming: stored, limit=limit)
 
 
 @pytest.fixture
@@ -120,7 +199,8 @@ def make(backend_name: str) -> Iterator[Factory]:
     """``make(merge=operator.add, **options)`` builds an aggregator of the backend under test.
 
     The flusher is off unless ``flush_interval`` is given; every aggregator is
-    shut down at teardown.
+    shut down at teardown, which fails (instead of hanging) for one that
+    does not shut down within :data:`SHUTDOWN_LIMIT` seconds.
     """
     created: list[Any] = []
 
@@ -131,8 +211,18 @@ def make(backend_name: str) -> Iterator[Factory]:
         return aggregator
 
     yield factory
+    stuck: list[str] = []
     for each in created:
-        close_quietly(each)
+        try:
+            close_quietly(each)
+        except AssertionError as exc:
+            stuck.append(str(exc))
+    if stuck:
+        pytest.fail(
+            f"teardown could not shut down {len(stuck)} of {len(created)} aggregator(s):\n"
+            + "\n".join(stuck),
+            pytrace=False,
+        )
 
 
 def fold_records(
