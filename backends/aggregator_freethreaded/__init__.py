@@ -15,8 +15,9 @@ thread ``add`` returns ``True`` exactly when the key is buffered. It returns
 
 Order (ADD-5, KEY-1): records at home are older than every partial; a partial
 taken from home is the oldest of its key; other partials are combined in the
-order their first add happened (a ``time.monotonic_ns()`` stamp taken when an
-``add`` stores a new partial), and the key object kept is the earliest one.
+order their first add happened (a ``time.perf_counter_ns()`` stamp, one
+system-wide monotonic clock, taken when an ``add`` stores a new partial), and
+the key object kept is the earliest one.
 
 On a GIL build the buffer needs no lock at all: the owner marks its buffer
 busy while it adds, and a flush that detaches a busy buffer waits for it.
@@ -45,7 +46,7 @@ FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 logger = logging.getLogger("aggregator_reference")
 
-_now = time.monotonic_ns
+_now = time.perf_counter_ns
 #: The stamp of a partial taken from home: older than any other partial of its key.
 _FROM_HOME = -1
 #: The stamp of a record at home (not stored): older than every partial.
@@ -56,10 +57,11 @@ _HOME = -2
 class _Buffer(Generic[K, V]):
     """One thread's records.
 
-    ``state`` is ``(records, firsts)``: the records, and the stamp of the add
-    that stored each one; it is replaced whole, so that a flush takes both at
-    once. Only the owner thread writes ``busy``, ``merges``, ``stored``, and
-    writes into ``state``'s dicts; other threads replace ``state`` (taking the
+    ``state`` is ``(records, stamps)``: the records, and the stamp of the add
+    that stored each one, in the records' insertion order (the owner never
+    deletes a record); it is replaced whole, so that a flush takes both at once.
+    Only the owner thread writes ``busy``, ``merges``, ``stored``, and writes
+    into ``state``'s dict and list; other threads replace ``state`` (taking the
     records out) only while holding the storage's ``_shared`` lock, and on
     free-threaded builds also ``lock``, which the owner holds for the whole of
     each ``add``.
@@ -68,7 +70,7 @@ class _Buffer(Generic[K, V]):
     __slots__ = ("busy", "lock", "merges", "owner", "state", "stored")
 
     def __init__(self, owner: threading.Thread) -> None:
-        self.state: tuple[dict[K, V], dict[K, int]] = ({}, {})
+        self.state: tuple[dict[K, V], list[int]] = ({}, [])
         self.lock = threading.Lock()
         self.busy = False  # the owner is inside add(), or inside a merge run on its behalf
         self.merges = 0
@@ -167,7 +169,7 @@ class FreeThreadedStorage(Generic[K, V]):
         try:
             if self._closed:
                 kit.refuse_closed("add()")
-            data, firsts = buffer.state
+            data, stamps = buffer.state
             if key in data:
                 data[key] = self._merge(data[key], value)
                 buffer.merges += 1
@@ -175,7 +177,7 @@ class FreeThreadedStorage(Generic[K, V]):
             home = self._home
             if not (home and key in home):
                 data[key] = value
-                firsts[key] = _now()
+                stamps.append(_now())
                 buffer.stored += 1
                 return False
         finally:
@@ -195,7 +197,7 @@ class FreeThreadedStorage(Generic[K, V]):
         try:
             if self._closed:
                 kit.refuse_closed("add()")
-            data, firsts = buffer.state
+            data, stamps = buffer.state
             if key in data:
                 data[key] = self._merge(data[key], value)
                 buffer.merges += 1
@@ -203,7 +205,7 @@ class FreeThreadedStorage(Generic[K, V]):
             home = self._home
             if not (home and key in home):
                 data[key] = value
-                firsts[key] = _now()
+                stamps.append(_now())
                 buffer.stored += 1
                 return False
         finally:
@@ -223,18 +225,18 @@ class FreeThreadedStorage(Generic[K, V]):
             try:
                 if self._closed:
                     kit.refuse_closed("add()")
-                data, firsts = buffer.state
+                data, stamps = buffer.state
                 home = self._home
                 if key in home:
                     merged = self._merge(home[key], value)  # if it raises, home keeps the record
                     original = self._home_keys.pop(key, key)
                     del home[key]
                     data[original] = merged
-                    firsts[original] = _FROM_HOME
+                    stamps.append(_FROM_HOME)
                     buffer.merges += 1
                     return True
                 data[key] = value  # a flush took it meanwhile
-                firsts[key] = _now()
+                stamps.append(_now())
                 buffer.stored += 1
                 return False
             finally:
@@ -252,21 +254,19 @@ class FreeThreadedStorage(Generic[K, V]):
             kit.refuse_reentrant(call)
         return buffer
 
-    def _take(self, buffer: _Buffer[K, V], me: _Buffer[K, V]) -> tuple[dict[K, V], dict[K, int]]:
+    def _take(self, buffer: _Buffer[K, V], me: _Buffer[K, V]) -> tuple[dict[K, V], list[int]]:
         """Take every record out of a buffer (with ``_shared`` and ``me.lock`` held)."""
         if buffer is me:
-            taken, me.state = me.state, ({}, {})
+            taken, me.state = me.state, ({}, [])
         elif FREE_THREADED_BUILD:
             with buffer.lock:
-                taken, buffer.state = buffer.state, ({}, {})
+                taken, buffer.state = buffer.state, ({}, [])
         else:
-            taken, buffer.state = buffer.state, ({}, {})
+            taken, buffer.state = buffer.state, ({}, [])
             _wait_until_idle(buffer)  # an add may still be writing into ``taken``
         return taken
 
-    def _fold(
-        self, into: dict[K, V], stamps: dict[K, int], records: dict[K, V], firsts: dict[K, int]
-    ) -> None:
+    def _fold(self, into: dict[K, V], stamps: dict[K, int], records: dict[K, V], order: list[int]) -> None:
         """Combine one buffer's ``records`` into ``into``, the partial whose first add came first on the left.
 
         A record whose ``merge`` raises splits (FLUSH-6): its older half waits in
@@ -276,7 +276,7 @@ class FreeThreadedStorage(Generic[K, V]):
         merge = self._merge
         pairs = list(records.items())
         for index, (key, value) in enumerate(pairs):
-            stamp = firsts.get(key, 0)
+            stamp = order[index] if index < len(order) else 0
             try:
                 if key not in into:
                     into[key] = value
@@ -336,18 +336,21 @@ class FreeThreadedStorage(Generic[K, V]):
 
         def gather() -> dict[K, V]:
             gathered, self._home, self._home_keys = self._home, {}, {}
-            stamps: dict[K, int] = {}
+            stamps: dict[K, int] = {}  # first-add stamps of gathered records; none for home's
+            adopted: list[int] | None = None  # the stamps of a buffer's dict adopted whole
             buffers, (merges, stored) = self._accounts
             kept = []
             try:
                 for buffer in buffers:
                     # Asked before taking: a thread seen dead can add nothing after the take.
                     alive = buffer is me or buffer.owner.is_alive()
-                    records, firsts = self._take(buffer, me)
-                    if gathered:
-                        self._fold(gathered, stamps, records, firsts)
-                    else:
-                        gathered, stamps = records, firsts  # nothing older: adopt the dicts
+                    records, order = self._take(buffer, me)
+                    if not gathered:
+                        gathered, adopted = records, order  # nothing older: adopt the dict
+                    elif records:
+                        if adopted is not None:  # stamps by key, only once a second buffer needs them
+                            stamps, adopted = dict(zip(gathered, adopted, strict=False)), None
+                        self._fold(gathered, stamps, records, order)
                     if alive:
                         kept.append(buffer)
                     else:
