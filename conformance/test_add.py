@@ -248,7 +248,7 @@ def test_first_key_added_is_kept_across_threads(make: Factory) -> None:
     assert sorted(repr(key) for key, _ in agg.drain()) == ["'warm'", "0.0", "1.0"]
 
 
-@pytest.mark.clause("ADD-5", "FLUSH-2", "FLUSH-4", "READ-2", "CLOSE-5")
+@pytest.mark.clause("ADD-5", "FLUSH-2", "FLUSH-4", "READ-2", "CLOSE-5", "THREAD-1")
 # A race: each run catches a newer-first re-queue, or a flush() that does not wait for
 # the running one (it delivers newer data while the older record is still out), ~5 in 6.
 @pytest.mark.parametrize("attempt", range(3))
