@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ._waits import call_bounded
 from .conftest import Factory, run_threads, shutdown_collecting
 
 
@@ -88,13 +89,14 @@ def test_writers_racing_flushes_with_a_full_output_lose_nothing(make: Factory) -
             for key, value in agg.drain(3):
                 delivered[key] = delivered.get(key, 0) + value
 
-    thread = threading.Thread(target=flusher)
+    thread = threading.Thread(target=flusher, daemon=True)
     thread.start()
     try:
         run_threads(4, lambda index: [agg.add(i % 20, 1) for i in range(2000)])
     finally:
         done.set()
         thread.join(30)
+        assert not thread.is_alive(), "a thread of the test did not finish: deadlock?"
     shutdown_collecting(agg, into=delivered)
     assert delivered == dict.fromkeys(range(20), 400)
     assert agg.stats().requeued > 0
@@ -105,7 +107,8 @@ def test_background_flusher_flushes_periodically(make: Factory) -> None:
     agg = make(operator.add, flush_interval=0.01)
     agg.add("a", 1)
     iterator = agg.records()
-    assert next(iterator) == ("a", 1)  # arrives without any flush() call
+    # Arrives without any flush() call; a flusher that never runs fails here, not at the run's timeout.
+    assert call_bounded(lambda: next(iterator), 10, "waiting for the periodic flusher") == ("a", 1)
     assert agg.stats().flushes >= 1
 
 
@@ -173,6 +176,7 @@ def test_periodic_tick_is_skipped_while_a_flush_runs(
     skipped = agg.stats().ticks_skipped
     release.set()
     stalled.join(10)
+    assert not stalled.is_alive(), "a thread of the test did not finish: deadlock?"
     assert skipped > 0
     assert any("skipped" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
 

@@ -38,7 +38,7 @@ def test_records_ends_after_shutdown_and_drain(make: Factory) -> None:
     for i in range(3):
         agg.add(i, 1)
     got = []
-    consumer = threading.Thread(target=lambda: got.extend(agg.records()))
+    consumer = threading.Thread(target=lambda: got.extend(agg.records()), daemon=True)
     consumer.start()
     agg.shutdown(timeout=10)
     consumer.join(10)
@@ -50,7 +50,10 @@ def test_records_ends_after_shutdown_and_drain(make: Factory) -> None:
 def test_several_consumers_each_record_exactly_once(make: Factory) -> None:
     agg = make(operator.add, max_pending=8, flush_interval=0.001)
     per_consumer: list[list[tuple[int, int]]] = [[] for _ in range(4)]
-    consumers = [threading.Thread(target=lambda i=i: per_consumer[i].extend(agg.records())) for i in range(4)]
+    consumers = [
+        threading.Thread(target=lambda i=i: per_consumer[i].extend(agg.records()), daemon=True)
+        for i in range(4)
+    ]
     for thread in consumers:
         thread.start()
     run_threads(4, lambda index: [agg.add(index * 1000 + i, 1) for i in range(500)])

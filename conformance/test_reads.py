@@ -65,7 +65,7 @@ def test_reads_during_flushes_never_miss_a_record(make: Factory) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    thread = threading.Thread(target=flusher)
+    thread = threading.Thread(target=flusher, daemon=True)
     thread.start()
     delivered: dict[int, int] = {}
     try:
@@ -85,5 +85,6 @@ def test_reads_during_flushes_never_miss_a_record(make: Factory) -> None:
     finally:
         done.set()
         thread.join(30)
+        assert not thread.is_alive(), "a thread of the test did not finish: deadlock?"
     assert not errors
     assert delivered == dict.fromkeys(keys, 1)

@@ -12,6 +12,7 @@ import pytest
 
 import aggregator_reference as ar
 
+from ._waits import call_bounded
 from .conftest import Factory, shutdown_collecting
 
 CALLS: dict[str, Callable[[Any], Any]] = {
@@ -22,22 +23,8 @@ CALLS: dict[str, Callable[[Any], Any]] = {
 
 
 def run_with_timeout(target: Callable[[], Any], seconds: float = 20) -> Any:
-    """Run ``target`` in a thread so that a deadlock fails the test instead of hanging it."""
-    outcome: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            outcome["value"] = target()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "deadlock: the call never returned"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+    """Run ``target`` in a daemon thread so that a deadlock fails the test, with every thread's stack."""
+    return call_bounded(target, seconds, "the call from merge (deadlock?)")
 
 
 @pytest.mark.clause("REENTRY-1", "ADD-4")

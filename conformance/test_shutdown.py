@@ -41,10 +41,11 @@ def test_shutdown_waits_for_a_slow_consumer(make: Factory) -> None:
             got.append(record)
             time.sleep(0.001)
 
-    consumer = threading.Thread(target=consume)
+    consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
     agg.shutdown(timeout=30)
     consumer.join(10)
+    assert not consumer.is_alive(), "a thread of the test did not finish: deadlock?"
     assert sorted(got) == [(i, 1) for i in range(50)]
 
 
@@ -68,7 +69,7 @@ def test_writers_racing_shutdown_are_delivered_or_refused(make: Factory) -> None
     accepted = [0] * 8
     refused = [0] * 8
     delivered: dict[str, int] = {}
-    consumer = threading.Thread(target=fold_records, args=(agg, delivered))
+    consumer = threading.Thread(target=fold_records, args=(agg, delivered), daemon=True)
     consumer.start()
 
     def write(index: int) -> None:
@@ -86,6 +87,7 @@ def test_writers_racing_shutdown_are_delivered_or_refused(make: Factory) -> None
 
     run_threads(9, lambda index: write(index) if index < 8 else stop(index))
     consumer.join(10)
+    assert not consumer.is_alive(), "a thread of the test did not finish: deadlock?"
     assert sum(delivered.values()) == sum(accepted)
     assert agg.stats().adds == sum(accepted)
 
@@ -96,11 +98,12 @@ def test_shutdown_is_idempotent_and_concurrent(make: Factory) -> None:
     for i in range(20):
         agg.add(i, 1)
     consumer_got: list[tuple[int, int]] = []
-    consumer = threading.Thread(target=lambda: consumer_got.extend(agg.records()))
+    consumer = threading.Thread(target=lambda: consumer_got.extend(agg.records()), daemon=True)
     consumer.start()
     run_threads(4, lambda _: agg.shutdown(timeout=30))
     agg.shutdown()
     consumer.join(10)
+    assert not consumer.is_alive(), "a thread of the test did not finish: deadlock?"
     assert agg.closed
     assert sorted(consumer_got) == [(i, 1) for i in range(20)]
 

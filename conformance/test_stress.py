@@ -29,7 +29,7 @@ def test_thousand_writers_thousand_adds_exact_totals(make: Factory) -> None:
         for key, value in agg.records():
             mine[key] = mine.get(key, 0) + value
 
-    consumers = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    consumers = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(2)]
     for thread in consumers:
         thread.start()
 
@@ -63,11 +63,12 @@ def test_concurrent_in_place_merges_lose_nothing(make: Factory, fast_switching: 
         for i in range(1000):
             agg.add(i % 10, [index * 1000 + i])
 
-    consumer = threading.Thread(target=fold_records, args=(agg, delivered, merge))
+    consumer = threading.Thread(target=fold_records, args=(agg, delivered, merge), daemon=True)
     consumer.start()
     run_threads(16, write)
     agg.shutdown(timeout=60)
     consumer.join(30)
+    assert not consumer.is_alive(), "a thread of the test did not finish: deadlock?"
     assert sorted(v for values in delivered.values() for v in values) == sorted(
         index * 1000 + i for index in range(16) for i in range(1000)
     )
@@ -89,7 +90,7 @@ def test_many_writers_racing_shutdown_with_a_stalling_consumer(
         for key, value in agg.records():
             delivered[key] = delivered.get(key, 0) + value
 
-    consumer = threading.Thread(target=consume)
+    consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
 
     def write(index: int) -> None:
@@ -111,4 +112,5 @@ def test_many_writers_racing_shutdown_with_a_stalling_consumer(
 
     run_threads(32, write)
     consumer.join(30)
+    assert not consumer.is_alive(), "a thread of the test did not finish: deadlock?"
     assert sum(delivered.values()) == sum(accepted)
