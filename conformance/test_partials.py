@@ -1,0 +1,214 @@
+"""Records a backend combines on its own (per-thread partials, re-queues): FLUSH-6, ADD-5, CLOSE-5, REENTRY-1.
+
+Backends with one record per key merge in ``add`` and raise there (ADD-4); these
+tests then check the simpler outcome. Each writer is a one-thread executor, so
+that "thread A, then thread B" is an order the test controls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+import aggregator_reference as ar
+
+from ._waits import call_bounded
+from .conftest import Factory, shutdown_collecting
+
+
+def concat(stored: list[str], incoming: list[str]) -> list[str]:
+    return stored + incoming
+
+
+@pytest.mark.clause("FLUSH-6", "ADD-5")
+def test_splits_of_three_partials_come_out_oldest_first(make: Factory) -> None:
+    failing = {"on": False}
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if failing["on"]:
+            raise ValueError("cannot combine")
+        return stored + incoming
+
+    agg = make(merge)
+    pools = [ThreadPoolExecutor(1) for _ in range(3)]
+    try:
+        for pool in pools:  # register the threads in the order 0, 1, 2
+            pool.submit(agg.add, "reg", []).result()
+        agg.flush()
+        agg.drain()
+        accepted = []
+        for index in (2, 1, 0):  # first adds of "k": thread 2 oldest, then 1, then 0
+            failing["on"] = True  # a backend that merges in add() refuses the later ones
+            try:
+                pools[index].submit(agg.add, "k", [f"t{index}"]).result()
+                accepted.append(f"t{index}")
+            except ValueError:
+                pass
+            failing["on"] = False
+            time.sleep(0.002)
+        failing["on"] = True
+        agg.flush()
+        failing["on"] = False
+    finally:
+        for pool in pools:
+            pool.shutdown()
+    out = [value for key, value in agg.drain() if key == "k"]
+    assert [v for value in out for v in value] == accepted, f"delivered {out}, added in order {accepted}"
+    errors = len(out) - 1
+    assert agg.stats().flush_errors == errors, "each split is counted once"
+
+
+class Interrupt(BaseException):
+    """Stands for ``KeyboardInterrupt``."""
+
+
+@pytest.mark.clause("FLUSH-6", "FLUSH-5", "ADD-5")
+def test_an_interrupt_while_combining_partials_keeps_them_oldest_first(make: Factory) -> None:
+    trip = {"on": False}
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if trip["on"]:
+            trip["on"] = False
+            raise Interrupt
+        return stored + incoming
+
+    agg = make(merge)
+    with ThreadPoolExecutor(1) as older, ThreadPoolExecutor(1) as newer:
+        older.submit(agg.add, "k", ["older"]).result()
+        time.sleep(0.002)
+        trip["on"] = True
+        accepted_newer = True
+        try:
+            newer.submit(agg.add, "k", ["newer"]).result()
+        except Interrupt:
+            accepted_newer = False  # one record per key: add merged, and raised (ADD-4)
+        trip["on"] = True
+        try:
+            agg.flush()
+        except Interrupt:
+            pass
+        trip["on"] = False
+    out: list[str] = []
+    while agg.pending or len(agg):
+        out += [v for key, value in agg.drain() if key == "k" for v in value]
+        agg.flush()
+    out += [v for key, value in agg.drain() if key == "k" for v in value]
+    assert out == (["older", "newer"] if accepted_newer else ["older"]), out
+
+
+class FlakyKey:
+    """A key whose ``__hash__`` raises once when armed, from any thread."""
+
+    armed = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        if FlakyKey.armed:
+            FlakyKey.armed = False
+            raise ValueError(f"hash of {self.name}")
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlakyKey) and other.name == self.name
+
+    def __repr__(self) -> str:
+        return f"FlakyKey({self.name!r})"
+
+
+@pytest.mark.clause("CLOSE-5", "FLUSH-5")
+@pytest.mark.parametrize("step", ["flush", "read"])
+def test_a_key_hash_failing_while_partials_combine_loses_nothing(make: Factory, step: str) -> None:
+    agg = make(concat)
+    key = FlakyKey("k")
+    try:
+        agg.add(key, ["main"])
+        with ThreadPoolExecutor(1) as other:
+            other.submit(agg.add, key, ["thread"]).result()
+            other.submit(agg.add, "after", ["x"]).result()
+        FlakyKey.armed = True
+        try:
+            agg.flush() if step == "flush" else agg.snapshot()
+        except ValueError:
+            pass  # it may propagate; nothing may be lost
+    finally:
+        FlakyKey.armed = False
+    delivered = shutdown_collecting(agg, concat)
+    assert sorted(delivered[key]) == ["main", "thread"]
+    assert delivered["after"] == ["x"]
+
+
+@pytest.mark.clause("REENTRY-1")
+@pytest.mark.parametrize("call", ["get", "len", "flush", "add"])
+def test_merges_of_two_aggregators_calling_each_other_never_deadlock(backend_name: str, call: str) -> None:
+    both_inside = threading.Barrier(2)
+    aggs: dict[str, Any] = {}
+    outcome: dict[str, str] = {}
+
+    def merging(name: str, other: str) -> Any:
+        def merge(stored: int, incoming: int) -> int:
+            if incoming == 2:
+                try:
+                    both_inside.wait(3)
+                except threading.BrokenBarrierError:
+                    pass
+                target = aggs[other]
+                calls = {"get": lambda: target.get("k"), "len": lambda: len(target)}
+                calls |= {"flush": target.flush, "add": lambda: target.add("elsewhere", 1)}
+                try:
+                    calls[call]()
+                    outcome[name] = "worked"
+                except ar.ReentrantMergeError:
+                    outcome[name] = "refused"
+            return stored + incoming
+
+        return merge
+
+    for name, other in (("one", "two"), ("two", "one")):
+        aggs[name] = ar.create(merging(name, other), backend=backend_name, flush_interval=None)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+
+            def write(agg: Any) -> None:
+                agg.add("k", 1)
+                agg.add("k", 2)  # merges; the merge calls the other aggregator
+
+            futures = [pool.submit(write, agg) for agg in aggs.values()]
+            call_bounded(lambda: [f.result() for f in futures], 30, "two aggregators' merges (deadlock?)")
+        assert sorted(outcome) == ["one", "two"]
+    finally:
+        delivered = [shutdown_collecting(agg) for agg in aggs.values()]
+    for got in delivered:
+        assert got["k"] == 3
+
+
+@pytest.mark.clause("FLUSH-6", "STAT-1")
+def test_a_split_is_logged_and_counted_once(make: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    failing = {"on": False}
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if failing["on"]:
+            raise ValueError("cannot combine")
+        return stored + incoming
+
+    agg = make(merge, max_pending=1)
+    agg.add("fill", ["f"])
+    agg.flush()  # the output is full: a split's older half goes out past max_pending
+    agg.add("k", ["main"])
+    with ThreadPoolExecutor(1) as other:
+        failing["on"] = True
+        try:
+            other.submit(agg.add, "k", ["thread"]).result()
+        except ValueError:
+            pass
+        caplog.clear()
+        agg.flush()
+        failing["on"] = False
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert agg.stats().flush_errors == len(errors) <= 1, [r.getMessage() for r in errors]

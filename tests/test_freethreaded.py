@@ -1,0 +1,95 @@
+"""White-box order checks of the freethreaded storage: ADD-5 across re-queues, reads and takes from home.
+
+A read or an add can run in the window between a flush's detach and its
+re-queue; these tests open that window deterministically by running them from
+a logging handler that the flush calls there (when it delivers the older half
+of a split record past ``max_pending``). The conformance suite checks the same
+order statistically through the public API (test_add.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from aggregator_freethreaded import FreeThreadedAggregator
+
+
+def merge(stored: list[Any], incoming: list[Any]) -> list[Any]:
+    if incoming and incoming[0] == "boom":
+        raise ValueError("boom")
+    return stored + incoming
+
+
+class Window(logging.Handler):
+    """Runs ``action`` once, from inside the flush, when the split's older half goes out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: Callable[[], None] | None = None
+        self.fired = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.action is not None and not self.fired and "max_pending" in record.getMessage():
+            self.fired = True
+            self.action()
+
+
+@pytest.fixture
+def window() -> Iterator[Window]:
+    handler = Window()
+    log = logging.getLogger("aggregator_reference")
+    log.addHandler(handler)
+    yield handler
+    log.removeHandler(handler)
+
+
+def run(scenario: Callable[[Any, list[ThreadPoolExecutor]], None], window: Window) -> list[int]:
+    """Thread A's sequence numbers for key "k", in delivery order."""
+    agg: Any = FreeThreadedAggregator(merge, flush_interval=None, max_pending=1)
+    pools = [ThreadPoolExecutor(1) for _ in range(3)]
+    a, b, _ = pools
+    try:
+        a.submit(agg.add, "dummy", [("A", 0)]).result()
+        agg.flush()  # the output is full from now on
+        a.submit(agg.add, "k", [("A", 1)]).result()
+        a.submit(agg.add, "o", [("A", 9)]).result()
+        b.submit(agg.add, "o", ["boom"]).result()  # combining "o" fails: a split, delivered past max_pending
+        window.action = lambda: scenario(agg, pools)
+        agg.flush()  # the split goes out; the gathered chunk ("k": A1) is re-queued after the window
+        assert window.fired
+        b.submit(agg.add, "k", [("B", 1)]).result()
+        got = agg.drain()
+        for _ in range(10):
+            agg.flush()
+            got += agg.drain()
+        agg.shutdown(timeout=5)
+        got += agg.drain()
+    finally:
+        for pool in pools:
+            pool.shutdown()
+    return [i for key, value in got if key == "k" for thread, i in value if thread == "A"]
+
+
+def test_two_takes_from_home_keep_a_threads_order(window: Window) -> None:
+    def scenario(agg: Any, pools: list[ThreadPoolExecutor]) -> None:
+        a, _, c = pools
+        a.submit(agg.add, "k", [("A", 2)]).result()
+        c.submit(agg.get, "k").result()  # a read moves A2 home
+        a.submit(agg.add, "k", [("A", 3)]).result()  # A takes it back; then A1 is re-queued home
+
+    assert run(scenario, window) == [1, 2, 3]
+
+
+def test_a_take_from_home_and_a_new_partial_keep_a_threads_order(window: Window) -> None:
+    def scenario(agg: Any, pools: list[ThreadPoolExecutor]) -> None:
+        a, b, c = pools
+        a.submit(agg.add, "k", [("A", 2)]).result()
+        c.submit(agg.get, "k").result()  # a read moves A2 home
+        b.submit(agg.add, "k", [("B", 1)]).result()  # B takes A2 from home
+        a.submit(agg.add, "k", [("A", 3)]).result()  # a new partial of A
+
+    assert run(scenario, window) == [1, 2, 3]
