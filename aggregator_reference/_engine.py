@@ -212,14 +212,21 @@ class BufferedAggregator(Generic[K, V]):
     def _deliver_unrequeueable(self, failed: list[tuple[K, V]]) -> None:
         """Deliver records the storage could not put back, past ``max_pending`` (never drop them)."""
         self._output.force(failed)
-        logger.error(
-            "%s: %d record(s) could not be re-queued (merge or key hash/eq raised); "
-            "delivered past max_pending instead",
-            type(self).__name__,
-            len(failed),
-        )
-        self._flush_errors += 1
-        self._overflowed += len(failed)
+        if getattr(failed, "counted", False):  # the storage logged and counted the cause already
+            logger.warning(
+                "%s: %d record(s) split by a failed merge delivered past max_pending",
+                type(self).__name__,
+                len(failed),
+            )
+        else:
+            logger.error(
+                "%s: %d record(s) could not be re-queued (merge or key hash/eq raised); "
+                "delivered past max_pending instead",
+                type(self).__name__,
+                len(failed),
+            )
+            self._flush_errors += 1
+        self._overflowed += len(failed)  # last: a reader that sees it sees the log line too
 
     # -- consuming ------------------------------------------------------------
 
@@ -380,7 +387,7 @@ class BufferedAggregator(Generic[K, V]):
     ) -> None:
         self.shutdown()
 
-    def __del__(self) -> None:
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:  # bound: exit clears globals
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
@@ -391,7 +398,7 @@ class BufferedAggregator(Generic[K, V]):
         except Exception:  # a storage that cannot count now (interpreter exit, inside merge)
             undelivered = "an unknown number of"
         if undelivered != "0":
-            warnings.warn(
+            _warn(
                 f"{type(self).__name__} dropped with {undelivered} record(s) not delivered; "
                 "call shutdown() or use it as a context manager",
                 ResourceWarning,

@@ -20,6 +20,7 @@ __all__ = [
     "Unsettled",
     "acquire_all",
     "call_holding",
+    "callback_deadline",
     "count_visible",
     "finish_acquire",
     "held_by_this_thread",
@@ -81,6 +82,18 @@ def held_by_this_thread(lock: Any) -> bool:
     It walks the stack: for checks off the hot path.
     """
     return any(lock is h for h in _locks_held(sys._getframe(1)))
+
+
+def callback_deadline() -> float | None:
+    """When this thread runs user code holding a storage's lock, the time a wait must give up by.
+
+    ``time.monotonic() + CALLBACK_WAIT`` if a frame marked with
+    :func:`holds_locks` up this thread's stack holds a lock (the caller is a
+    ``merge``, maybe another aggregator's, whose lock others may be waiting
+    for), else ``None`` (wait as long as it takes). For storages whose waits do
+    not go through :func:`finish_acquire`. It walks the stack: off the hot path.
+    """
+    return time.monotonic() + CALLBACK_WAIT if _locks_held(sys._getframe(1)) else None
 
 
 def in_user_code_of(owner: object) -> bool:
@@ -227,6 +240,9 @@ class Unsettled(list[tuple[K, V]]):
     """
 
     interrupt: BaseException | None = None
+    #: The storage already logged and counted why these could not be put back
+    #: (FLUSH-6's split halves): the engine only delivers them.
+    counted = False
 
 
 def requeue_into(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -159,8 +160,12 @@ def test_merges_of_two_aggregators_calling_each_other_never_deadlock(backend_nam
                 except threading.BrokenBarrierError:
                     pass
                 target = aggs[other]
-                calls = {"get": lambda: target.get("k"), "len": lambda: len(target)}
-                calls |= {"flush": target.flush, "add": lambda: target.add("elsewhere", 1)}
+                calls: dict[str, Callable[[], object]] = {
+                    "get": lambda: target.get("k"),
+                    "len": lambda: len(target),
+                    "flush": target.flush,
+                    "add": lambda: target.add("elsewhere", 1),
+                }
                 try:
                     calls[call]()
                     outcome[name] = "worked"

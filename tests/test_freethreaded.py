@@ -33,7 +33,7 @@ class Window(logging.Handler):
         self.fired = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.action is not None and not self.fired and "max_pending" in record.getMessage():
+        if self.action is not None and not self.fired and "past max_pending" in record.getMessage():
             self.fired = True
             self.action()
 

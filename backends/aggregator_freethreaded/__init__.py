@@ -30,7 +30,8 @@ import sysconfig
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any, Generic, TypeVar, final
+from contextlib import contextmanager
+from typing import Any, Generic, NoReturn, TypeVar, final
 
 import aggregator_reference as ar
 from aggregator_reference import kit
@@ -101,12 +102,22 @@ class _Pairs(Mapping[K, V]):
         return list(self._pairs)
 
 
-def _wait_until_idle(buffer: _Buffer[Any, Any]) -> None:
-    """GIL builds: wait for the owner to leave ``add()`` (one merge at most), sleeping, not spinning hot."""
+def _wait_until_idle(buffer: _Buffer[Any, Any], deadline: float | None) -> bool:
+    """GIL builds: wait for the owner to leave ``add()``, sleeping; ``False`` once past ``deadline``."""
     pause = 0.0
     while buffer.busy:
+        if deadline is not None and time.monotonic() > deadline:
+            return False
         time.sleep(pause)
         pause = min(0.001, pause * 2 or 1e-6)
+    return True
+
+
+def _refuse_wait(call: str) -> NoReturn:
+    raise ar.ReentrantMergeError(
+        f"{call} called from inside merge waited {kit.CALLBACK_WAIT} s for a thread that may be "
+        "waiting for this one; refused rather than risk a deadlock"
+    )
 
 
 @final
@@ -135,6 +146,8 @@ class FreeThreadedStorage(Generic[K, V]):
         self._transit: tuple[Mapping[K, V], ...] = ()  # detached, not yet settled
         # Older halves of records split because merge raised (FLUSH-6), oldest first.
         self._orphans: list[tuple[K, V]] = []
+        self._taken_home: set[K] = set()  # keys whose record an add took from home since the last gather
+        self._deadline: float | None = None  # how long a caller inside user code may wait (_locked)
         # (buffers, (merges, stored) of dropped buffers), replaced whole so counts() needs no lock.
         self._accounts: tuple[tuple[_Buffer[K, V], ...], tuple[int, int]] = ((), (0, 0))
         #: Merges that raised while partial records were combined, logged (FLUSH-6).
@@ -150,11 +163,33 @@ class FreeThreadedStorage(Generic[K, V]):
 
     def _register(self) -> _Buffer[K, V]:
         buffer: _Buffer[K, V] = _Buffer(threading.current_thread())
-        with self._shared:
+        with self._locked("add()"):
             buffers, retired = self._accounts
             self._accounts = ((*buffers, buffer), retired)
         self._local.buffer = buffer
         return buffer
+
+    @contextmanager
+    def _locked(self, call: str) -> Iterator[None]:
+        """Hold ``_shared``; from inside user code (a merge, maybe another aggregator's), only so long.
+
+        Such a caller may hold what the holder of ``_shared`` waits for (its
+        buffer, in the middle of an add); so it waits at most
+        ``kit.CALLBACK_WAIT`` for ``_shared`` and for the buffers it takes
+        (``self._deadline``, guarded by ``_shared``), then is refused (REENTRY-1).
+        """
+        deadline = kit.callback_deadline()
+        shared = self._shared
+        if not shared.acquire(False):
+            wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+            if not shared.acquire(timeout=wait):
+                _refuse_wait(call)
+        outer, self._deadline = self._deadline, deadline if self._deadline is None else self._deadline
+        try:
+            yield
+        finally:
+            self._deadline = outer
+            shared.release()
 
     @kit.holds_locks
     def _add_gil(self, key: K, value: V, /) -> bool:
@@ -165,6 +200,7 @@ class FreeThreadedStorage(Generic[K, V]):
             buffer = self._register()
         if buffer.busy:
             kit.refuse_reentrant("add()")
+        held = buffer.lock  # not taken: named so that a wait from inside merge is bounded (kit)
         buffer.busy = True
         try:
             if self._closed:
@@ -182,6 +218,7 @@ class FreeThreadedStorage(Generic[K, V]):
                 return False
         finally:
             buffer.busy = False
+        del held
         return self._add_from_home(buffer, key, value)
 
     @kit.holds_locks
@@ -217,25 +254,34 @@ class FreeThreadedStorage(Generic[K, V]):
         """The rest of an ``add`` whose key is at home: take that record into this thread's buffer.
 
         Off the hot path: once per key after each re-queue or read. The record
-        becomes the oldest partial of its key, under the key object stored first.
+        becomes the key's piece taken from home, combined right after home's
+        record at the next gather; at most one such piece per key exists between
+        two gathers (a second would not know its place), so a later add stores a
+        new partial instead.
         """
         held = buffer.lock
-        with self._shared, held:
+        with self._locked("add()"), held:
             buffer.busy = True
             try:
                 if self._closed:
                     kit.refuse_closed("add()")
                 data, stamps = buffer.state
                 home = self._home
-                if key in home:
-                    merged = self._merge(home[key], value)  # if it raises, home keeps the record
-                    original = self._home_keys.pop(key, key)
+                if key in home and key not in self._taken_home:
+                    stored = home[key]
+                    merged = self._merge(stored, value)  # if it raises, home keeps the record
+                    original = self._home_keys.get(key, key)
                     del home[key]
-                    data[original] = merged
+                    try:
+                        data[original] = merged
+                    except BaseException:
+                        home[original] = stored  # a key whose hash failed: put it back first
+                        raise
                     stamps.append(_FROM_HOME)
+                    self._taken_home.add(original)
                     buffer.merges += 1
                     return True
-                data[key] = value  # a flush took it meanwhile
+                data[key] = value  # a flush took it meanwhile, or a piece of it is out already
                 stamps.append(_now())
                 buffer.stored += 1
                 return False
@@ -255,65 +301,61 @@ class FreeThreadedStorage(Generic[K, V]):
         return buffer
 
     def _take(self, buffer: _Buffer[K, V], me: _Buffer[K, V]) -> tuple[dict[K, V], list[int]]:
-        """Take every record out of a buffer (with ``_shared`` and ``me.lock`` held)."""
+        """Take every record out of a buffer (with ``_shared`` and ``me.lock`` held).
+
+        Waits for an add in flight in that buffer, until ``self._deadline`` if set.
+        """
+        deadline = self._deadline
         if buffer is me:
             taken, me.state = me.state, ({}, [])
         elif FREE_THREADED_BUILD:
-            with buffer.lock:
+            wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+            if not buffer.lock.acquire(timeout=wait):
+                _refuse_wait("a read or flush")
+            try:
                 taken, buffer.state = buffer.state, ({}, [])
+            finally:
+                buffer.lock.release()
         else:
             taken, buffer.state = buffer.state, ({}, [])
-            _wait_until_idle(buffer)  # an add may still be writing into ``taken``
+            if not _wait_until_idle(buffer, deadline):  # an add may still be writing into ``taken``
+                buffer.state = taken  # that add is stuck mid-way: nothing was added since
+                _refuse_wait("a read or flush")
         return taken
 
-    def _fold(self, into: dict[K, V], stamps: dict[K, int], records: dict[K, V], order: list[int]) -> None:
-        """Combine one buffer's ``records`` into ``into``, the partial whose first add came first on the left.
+    def _combine(self, key: K, pieces: list[tuple[int, int, K, V]]) -> tuple[K, V]:
+        """Merge one key's pieces, oldest first; return the record, under the key added first.
 
-        A record whose ``merge`` raises splits (FLUSH-6): its older half waits in
-        ``_orphans`` and is delivered first. A record whose key's
-        ``__hash__``/``__eq__`` raises becomes an orphan as a whole.
+        A ``merge`` that raises splits the record (FLUSH-6): what was combined
+        so far waits in ``_orphans``, delivered first, and the piece goes on.
+        A ``BaseException`` leaves every piece not combined among the orphans
+        too, in order, and propagates.
         """
-        merge = self._merge
-        pairs = list(records.items())
-        for index, (key, value) in enumerate(pairs):
-            stamp = order[index] if index < len(order) else 0
+        pieces.sort(key=lambda piece: piece[:2])
+        first = pieces[0][2]
+        record = pieces[0][3]
+        for index in range(1, len(pieces)):
+            value = pieces[index][3]
             try:
-                if key not in into:
-                    into[key] = value
-                    stamps[key] = stamp
-                elif stamp < stamps.get(key, _HOME):  # this partial began first: it goes left
-                    stored = into.pop(key)
-                    try:
-                        into[key] = merge(value, stored)
-                    except BaseException:
-                        into[key] = stored
-                        raise
-                    stamps[key] = stamp
-                else:
-                    into[key] = merge(into[key], value)
+                record = self._merge(record, value)
             except Exception:
-                self._split(into, stamps, key, value, stamp)
-            except BaseException:  # KeyboardInterrupt: keep what is left, then let it through
-                self._orphans.extend(pairs[index:])
+                self._log_split(key)
+                self._orphans.append((first, record))
+                record = value
+            except BaseException:
+                self._orphans.append((first, record))
+                self._orphans.extend((first, piece[3]) for piece in pieces[index:])
                 raise
+        return first, record
 
-    def _split(self, into: dict[K, V], stamps: dict[K, int], key: K, value: V, stamp: int) -> None:
-        """Keep both halves of a record ``merge`` could not combine, older first; log and count it."""
+    def _log_split(self, key: object) -> None:
         self.merge_errors += 1
         logger.error(
-            "freethreaded: merge raised while combining two threads' records of key %r; "
+            "freethreaded: merge raised while combining records of key %r from several threads; "
             "the record splits in two, both are delivered, older first",
             key,
             exc_info=True,
         )
-        try:
-            if key in into and stamp >= stamps.get(key, _HOME):
-                self._orphans.append((key, into[key]))  # the older half goes first
-                into[key] = value
-                return
-        except Exception:
-            pass
-        self._orphans.append((key, value))
 
     @kit.holds_locks
     def _with_own_merging(self, me: _Buffer[K, V], work: Callable[[], T]) -> T:
@@ -327,41 +369,99 @@ class FreeThreadedStorage(Generic[K, V]):
                 me.busy = False
 
     def _gather(self, me: _Buffer[K, V]) -> dict[K, V]:
-        """Take every record out, home's first; drop the emptied buffers of exited threads.
+        """Take every record out and combine each key's pieces; drop the buffers of exited threads.
 
-        Called with ``_shared`` held. A ``BaseException`` from ``merge``
-        (``KeyboardInterrupt``) leaves what was gathered at home and what was
-        being folded among the orphans, then propagates: nothing is lost.
+        A key's pieces are combined in this order: home's record (re-queued or
+        read, older than any partial), the piece an add took from home, then
+        the partials in the order of their first add (ADD-5, KEY-1). Called with
+        ``_shared`` held. If it raises, what was gathered goes back home, pieces
+        not combined go to the orphans in order, and buffers not reached keep
+        theirs: nothing is lost.
         """
 
         def gather() -> dict[K, V]:
-            gathered, self._home, self._home_keys = self._home, {}, {}
-            stamps: dict[K, int] = {}  # first-add stamps of gathered records; none for home's
+            gathered, home_keys = self._home, self._home_keys
+            self._home, self._home_keys, self._taken_home = {}, {}, set()
+            firsts: dict[K, tuple[int, K]] | None = None  # stamp and key object of each gathered record
             adopted: list[int] | None = None  # the stamps of a buffer's dict adopted whole
+            extra: dict[K, list[tuple[int, int, K, V]]] = {}  # pieces of keys found twice
             buffers, (merges, stored) = self._accounts
             kept = []
+            unplaced: dict[K, V] = {}  # taken from a buffer, not yet in gathered nor extra
             try:
                 for buffer in buffers:
                     # Asked before taking: a thread seen dead can add nothing after the take.
                     alive = buffer is me or buffer.owner.is_alive()
-                    records, order = self._take(buffer, me)
-                    if not gathered:
-                        gathered, adopted = records, order  # nothing older: adopt the dict
-                    elif records:
-                        if adopted is not None:  # stamps by key, only once a second buffer needs them
-                            stamps, adopted = dict(zip(gathered, adopted, strict=False)), None
-                        self._fold(gathered, stamps, records, order)
+                    unplaced, order = self._take(buffer, me)
                     if alive:
                         kept.append(buffer)
                     else:
                         merges, stored = merges + buffer.merges, stored + buffer.stored
+                    if not gathered:
+                        gathered, adopted, unplaced = unplaced, order, {}  # nothing older: adopt it
+                        continue
+                    if firsts is None:
+                        firsts = self._firsts(gathered, adopted, home_keys)
+                    records, unplaced = unplaced, {}
+                    self._place(gathered, firsts, extra, records, order)
+                for key, pieces in list(extra.items()):
+                    stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
+                    pieces.append((stamp, -1, first, gathered.pop(key)))
+                    del extra[key]
+                    first, record = self._combine(key, pieces)
+                    gathered[first] = record
             except BaseException:
-                self._home_at(gathered)  # the buffers not reached keep their records
+                self._orphans.extend(unplaced.items())
+                for key, pieces in extra.items():  # keys not combined yet: every piece, in order
+                    stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
+                    pieces.append((stamp, -1, first, gathered.pop(key)))
+                    pieces.sort(key=lambda piece: piece[:2])
+                    self._orphans.extend((first, piece[3]) for piece in pieces)
+                self._home_at(gathered)
                 raise
             self._accounts = (tuple(kept), (merges, stored))
             return gathered
 
         return self._with_own_merging(me, gather)
+
+    @staticmethod
+    def _firsts(
+        gathered: dict[K, V], adopted: list[int] | None, home_keys: dict[K, K]
+    ) -> dict[K, tuple[int, K]]:
+        """The first-add stamp and key object of each gathered record: home's, or an adopted buffer's."""
+        firsts: dict[K, tuple[int, K]] = {}
+        for index, key in enumerate(gathered):
+            stamp = _HOME if adopted is None else adopted[index] if index < len(adopted) else 0
+            try:
+                firsts[key] = (stamp, home_keys.get(key, key))
+            except Exception:  # a key whose hash fails now: its pieces are combined as home's
+                pass
+        return firsts
+
+    def _place(
+        self,
+        gathered: dict[K, V],
+        firsts: dict[K, tuple[int, K]],
+        extra: dict[K, list[tuple[int, int, K, V]]],
+        records: dict[K, V],
+        order: list[int],
+    ) -> None:
+        """Put one buffer's records into ``gathered``, or in ``extra`` where the key is there already."""
+        pairs = list(records.items())
+        for index, (key, value) in enumerate(pairs):
+            stamp = order[index] if index < len(order) else 0
+            try:
+                if key in gathered:
+                    extra.setdefault(key, []).append((stamp, len(extra.get(key, ())), key, value))
+                else:
+                    gathered[key] = value
+                    firsts[key] = (stamp, key)
+            except Exception:  # its __hash__/__eq__ raised: a record of its own
+                self._log_split(key)
+                self._orphans.append((key, value))
+            except BaseException:
+                self._orphans.extend(pairs[index:])
+                raise
 
     def _home_at(self, records: dict[K, V]) -> None:
         """Make ``records`` the home (their key objects are the ones stored first)."""
@@ -380,20 +480,20 @@ class FreeThreadedStorage(Generic[K, V]):
     def get(self, key: K, default: Any, /) -> Any:
         hash(key)  # an unhashable key fails before anything moves
         me = self._own("get()")  # before _shared: a flush holding it may be waiting for this thread
-        with self._shared:
+        with self._locked("get()"):
             self._consolidate(me)
             return kit.lookup(self._home, self._others(), key, default)
 
     def snapshot(self) -> dict[K, V]:
         me = self._own("snapshot()")
-        with self._shared:
+        with self._locked("snapshot()"):
             self._consolidate(me)
             return kit.visible_records(self._home, self._others())
 
     def __len__(self) -> int:
         """Counts the keys without merging anything (the engine's finalizer calls it too)."""
         self._own("len()")
-        with self._shared:
+        with self._locked("len()"):
             keys: set[K] = set(self._home)
             for buffer in self._accounts[0]:
                 keys.update(list(buffer.state[0]))  # one call copies it: its owner may be adding
@@ -405,7 +505,7 @@ class FreeThreadedStorage(Generic[K, V]):
 
     def detach(self) -> list[Mapping[K, V]]:
         me = self._own("flush()")
-        with self._shared:
+        with self._locked("flush()"):
             gathered = self._gather(me)
             orphans, self._orphans = self._orphans, []
             chunks: list[Mapping[K, V]] = [_Pairs(orphans)] if orphans else []  # older halves first
@@ -416,11 +516,13 @@ class FreeThreadedStorage(Generic[K, V]):
 
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
         me = self._own("flush()")
-        with self._shared:
+        with self._locked("flush()"):
             if isinstance(chunk, _Pairs):
-                # Halves of split records: merging them back could only fail again and
-                # reorder them; the engine delivers them past max_pending (FLUSH-6).
-                failed: list[tuple[K, V]] = kit.Unsettled(leftover)
+                # Halves of split records, already logged and counted: merging them back could
+                # fail again and reorder them; the engine delivers them past max_pending (FLUSH-6).
+                halves: kit.Unsettled[K, V] = kit.Unsettled(leftover)
+                halves.counted = True
+                failed: list[tuple[K, V]] = halves
             else:
                 failed = self._with_own_merging(me, lambda: self._requeue_home(leftover))
             self._transit = tuple(c for c in self._transit if c is not chunk)
@@ -441,14 +543,14 @@ class FreeThreadedStorage(Generic[K, V]):
 
     def close(self) -> None:
         self._own("shutdown()")
-        with self._shared:
+        with self._locked("shutdown()"):
             self._closed = True
             for buffer in self._accounts[0]:  # wait for every add in flight
                 if FREE_THREADED_BUILD:
                     with buffer.lock:
                         pass
                 else:
-                    _wait_until_idle(buffer)
+                    _wait_until_idle(buffer, None)
 
     def counts(self) -> tuple[int, int]:
         buffers, (merges, stored) = self._accounts
