@@ -25,99 +25,35 @@ busy while it adds, and a flush that detaches a busy buffer waits for it.
 
 from __future__ import annotations
 
-import logging
-import sysconfig
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Generic, NoReturn, TypeVar, final
+from typing import Any, Generic, TypeVar, final
 
 import aggregator_reference as ar
 from aggregator_reference import kit
 
 __all__ = ["FREE_THREADED_BUILD", "FreeThreadedAggregator", "FreeThreadedStorage"]
 
+from ._parts import (
+    _FROM_HOME,
+    _HOME,
+    FREE_THREADED_BUILD,
+    Buffer,
+    Pairs,
+    _now,
+    combine,
+    first_stamps,
+    logger,
+    place,
+    refuse_wait,
+    wait_until_idle,
+)
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 T = TypeVar("T")
-
-#: Whether this CPython was built with ``--disable-gil`` (the GIL may still be on at run time).
-FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
-
-logger = logging.getLogger("aggregator_reference")
-
-_now = time.perf_counter_ns
-#: The stamp of a partial taken from home: older than any other partial of its key.
-_FROM_HOME = -1
-#: The stamp of a record at home (not stored): older than every partial.
-_HOME = -2
-
-
-@final
-class _Buffer(Generic[K, V]):
-    """One thread's records.
-
-    ``state`` is ``(records, stamps)``: the records, and the stamp of the add
-    that stored each one, in the records' insertion order (the owner never
-    deletes a record); it is replaced whole, so that a flush takes both at once.
-    Only the owner thread writes ``busy``, ``merges``, ``stored``, and writes
-    into ``state``'s dict and list; other threads replace ``state`` (taking the
-    records out) only while holding the storage's ``_shared`` lock, and on
-    free-threaded builds also ``lock``, which the owner holds for the whole of
-    each ``add``.
-    """
-
-    __slots__ = ("busy", "lock", "merges", "owner", "state", "stored")
-
-    def __init__(self, owner: threading.Thread) -> None:
-        self.state: tuple[dict[K, V], list[int]] = ({}, [])
-        self.lock = threading.Lock()
-        self.busy = False  # the owner is inside add(), or inside a merge run on its behalf
-        self.merges = 0
-        self.stored = 0
-        self.owner = owner
-
-
-@final
-class _Pairs(Mapping[K, V]):
-    """Records kept as pairs, for keys that may not hash: iterating never hashes a key."""
-
-    def __init__(self, pairs: list[tuple[K, V]]) -> None:
-        self._pairs = pairs
-
-    def __getitem__(self, key: K) -> V:
-        for stored, value in self._pairs:
-            if stored == key:
-                return value
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[K]:
-        return (key for key, _ in self._pairs)
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def items(self) -> Any:
-        return list(self._pairs)
-
-
-def _wait_until_idle(buffer: _Buffer[Any, Any], deadline: float | None) -> bool:
-    """GIL builds: wait for the owner to leave ``add()``, sleeping; ``False`` once past ``deadline``."""
-    pause = 0.0
-    while buffer.busy:
-        if deadline is not None and time.monotonic() > deadline:
-            return False
-        time.sleep(pause)
-        pause = min(0.001, pause * 2 or 1e-6)
-    return True
-
-
-def _refuse_wait(call: str) -> NoReturn:
-    raise ar.ReentrantMergeError(
-        f"{call} called from inside merge waited {kit.CALLBACK_WAIT} s for a thread that may be "
-        "waiting for this one; refused rather than risk a deadlock"
-    )
 
 
 @final
@@ -149,7 +85,7 @@ class FreeThreadedStorage(Generic[K, V]):
         self._taken_home: set[K] = set()  # keys whose record an add took from home since the last gather
         self._deadline: float | None = None  # how long a caller inside user code may wait (_locked)
         # (buffers, (merges, stored) of dropped buffers), replaced whole so counts() needs no lock.
-        self._accounts: tuple[tuple[_Buffer[K, V], ...], tuple[int, int]] = ((), (0, 0))
+        self._accounts: tuple[tuple[Buffer[K, V], ...], tuple[int, int]] = ((), (0, 0))
         #: Merges that raised while partial records were combined, logged (FLUSH-6).
         self.merge_errors = 0
         self.add: Callable[[K, V], bool] = self._add_locked if FREE_THREADED_BUILD else self._add_gil
@@ -161,8 +97,8 @@ class FreeThreadedStorage(Generic[K, V]):
 
     # -- the hot path ------------------------------------------------------------
 
-    def _register(self) -> _Buffer[K, V]:
-        buffer: _Buffer[K, V] = _Buffer(threading.current_thread())
+    def _register(self) -> Buffer[K, V]:
+        buffer: Buffer[K, V] = Buffer(threading.current_thread())
         with self._locked("add()"):
             buffers, retired = self._accounts
             self._accounts = ((*buffers, buffer), retired)
@@ -183,7 +119,7 @@ class FreeThreadedStorage(Generic[K, V]):
         if not shared.acquire(False):
             wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
             if not shared.acquire(timeout=wait):
-                _refuse_wait(call)
+                refuse_wait(call)
         outer, self._deadline = self._deadline, deadline if self._deadline is None else self._deadline
         try:
             yield
@@ -195,7 +131,7 @@ class FreeThreadedStorage(Generic[K, V]):
     def _add_gil(self, key: K, value: V, /) -> bool:
         """``add`` on GIL builds: no lock; ``busy`` tells a flush to wait."""
         try:
-            buffer: _Buffer[K, V] = self._local.buffer
+            buffer: Buffer[K, V] = self._local.buffer
         except AttributeError:
             buffer = self._register()
         if buffer.busy:
@@ -225,7 +161,7 @@ class FreeThreadedStorage(Generic[K, V]):
     def _add_locked(self, key: K, value: V, /) -> bool:
         """``add`` on free-threaded builds: the buffer's own lock, contended only by a flush or a read."""
         try:
-            buffer: _Buffer[K, V] = self._local.buffer
+            buffer: Buffer[K, V] = self._local.buffer
         except AttributeError:
             buffer = self._register()
         held = buffer.lock
@@ -250,7 +186,7 @@ class FreeThreadedStorage(Generic[K, V]):
         return self._add_from_home(buffer, key, value)
 
     @kit.holds_locks
-    def _add_from_home(self, buffer: _Buffer[K, V], key: K, value: V) -> bool:
+    def _add_from_home(self, buffer: Buffer[K, V], key: K, value: V) -> bool:
         """The rest of an ``add`` whose key is at home: take that record into this thread's buffer.
 
         Off the hot path: once per key after each re-queue or read. The record
@@ -290,17 +226,17 @@ class FreeThreadedStorage(Generic[K, V]):
 
     # -- moving records between buffers ----------------------------------------------
 
-    def _own(self, call: str) -> _Buffer[K, V]:
+    def _own(self, call: str) -> Buffer[K, V]:
         """The calling thread's buffer, refusing a call from inside a merge this thread is running."""
         try:
-            buffer: _Buffer[K, V] = self._local.buffer
+            buffer: Buffer[K, V] = self._local.buffer
         except AttributeError:
             return self._register()
         if buffer.busy or (FREE_THREADED_BUILD and kit.held_by_this_thread(buffer.lock)):
             kit.refuse_reentrant(call)
         return buffer
 
-    def _take(self, buffer: _Buffer[K, V], me: _Buffer[K, V]) -> tuple[dict[K, V], list[int]]:
+    def _take(self, buffer: Buffer[K, V], me: Buffer[K, V]) -> tuple[dict[K, V], list[int]]:
         """Take every record out of a buffer (with ``_shared`` and ``me.lock`` held).
 
         Waits for an add in flight in that buffer, until ``self._deadline`` if set.
@@ -311,42 +247,17 @@ class FreeThreadedStorage(Generic[K, V]):
         elif FREE_THREADED_BUILD:
             wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
             if not buffer.lock.acquire(timeout=wait):
-                _refuse_wait("a read or flush")
+                refuse_wait("a read or flush")
             try:
                 taken, buffer.state = buffer.state, ({}, [])
             finally:
                 buffer.lock.release()
         else:
             taken, buffer.state = buffer.state, ({}, [])
-            if not _wait_until_idle(buffer, deadline):  # an add may still be writing into ``taken``
+            if not wait_until_idle(buffer, deadline):  # an add may still be writing into ``taken``
                 buffer.state = taken  # that add is stuck mid-way: nothing was added since
-                _refuse_wait("a read or flush")
+                refuse_wait("a read or flush")
         return taken
-
-    def _combine(self, key: K, pieces: list[tuple[int, int, K, V]]) -> tuple[K, V]:
-        """Merge one key's pieces, oldest first; return the record, under the key added first.
-
-        A ``merge`` that raises splits the record (FLUSH-6): what was combined
-        so far waits in ``_orphans``, delivered first, and the piece goes on.
-        A ``BaseException`` leaves every piece not combined among the orphans
-        too, in order, and propagates.
-        """
-        pieces.sort(key=lambda piece: piece[:2])
-        first = pieces[0][2]
-        record = pieces[0][3]
-        for index in range(1, len(pieces)):
-            value = pieces[index][3]
-            try:
-                record = self._merge(record, value)
-            except Exception:
-                self._log_split(key)
-                self._orphans.append((first, record))
-                record = value
-            except BaseException:
-                self._orphans.append((first, record))
-                self._orphans.extend((first, piece[3]) for piece in pieces[index:])
-                raise
-        return first, record
 
     def _log_split(self, key: object) -> None:
         self.merge_errors += 1
@@ -358,7 +269,7 @@ class FreeThreadedStorage(Generic[K, V]):
         )
 
     @kit.holds_locks
-    def _with_own_merging(self, me: _Buffer[K, V], work: Callable[[], T]) -> T:
+    def _with_own_merging(self, me: Buffer[K, V], work: Callable[[], T]) -> T:
         """Run ``work`` (it calls ``merge``) with ``me`` locked and busy, so that calls back are refused."""
         held = me.lock
         with held:
@@ -368,7 +279,7 @@ class FreeThreadedStorage(Generic[K, V]):
             finally:
                 me.busy = False
 
-    def _gather(self, me: _Buffer[K, V]) -> dict[K, V]:
+    def _gather(self, me: Buffer[K, V]) -> dict[K, V]:
         """Take every record out and combine each key's pieces; drop the buffers of exited threads.
 
         A key's pieces are combined in this order: home's record (re-queued or
@@ -401,14 +312,22 @@ class FreeThreadedStorage(Generic[K, V]):
                         gathered, adopted, unplaced = unplaced, order, {}  # nothing older: adopt it
                         continue
                     if firsts is None:
-                        firsts = self._firsts(gathered, adopted, home_keys)
+                        firsts = first_stamps(gathered, adopted, home_keys)
                     records, unplaced = unplaced, {}
-                    self._place(gathered, firsts, extra, records, order)
+                    place(
+                        gathered,
+                        firsts,
+                        extra,
+                        records,
+                        order,
+                        orphans=self._orphans,
+                        on_error=self._log_split,
+                    )
                 for key, pieces in list(extra.items()):
                     stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
                     pieces.append((stamp, -1, first, gathered.pop(key)))
                     del extra[key]
-                    first, record = self._combine(key, pieces)
+                    first, record = combine(pieces, self._merge, self._orphans, self._log_split)
                     gathered[first] = record
             except BaseException:
                 self._orphans.extend(unplaced.items())
@@ -424,56 +343,17 @@ class FreeThreadedStorage(Generic[K, V]):
 
         return self._with_own_merging(me, gather)
 
-    @staticmethod
-    def _firsts(
-        gathered: dict[K, V], adopted: list[int] | None, home_keys: dict[K, K]
-    ) -> dict[K, tuple[int, K]]:
-        """The first-add stamp and key object of each gathered record: home's, or an adopted buffer's."""
-        firsts: dict[K, tuple[int, K]] = {}
-        for index, key in enumerate(gathered):
-            stamp = _HOME if adopted is None else adopted[index] if index < len(adopted) else 0
-            try:
-                firsts[key] = (stamp, home_keys.get(key, key))
-            except Exception:  # a key whose hash fails now: its pieces are combined as home's
-                pass
-        return firsts
-
-    def _place(
-        self,
-        gathered: dict[K, V],
-        firsts: dict[K, tuple[int, K]],
-        extra: dict[K, list[tuple[int, int, K, V]]],
-        records: dict[K, V],
-        order: list[int],
-    ) -> None:
-        """Put one buffer's records into ``gathered``, or in ``extra`` where the key is there already."""
-        pairs = list(records.items())
-        for index, (key, value) in enumerate(pairs):
-            stamp = order[index] if index < len(order) else 0
-            try:
-                if key in gathered:
-                    extra.setdefault(key, []).append((stamp, len(extra.get(key, ())), key, value))
-                else:
-                    gathered[key] = value
-                    firsts[key] = (stamp, key)
-            except Exception:  # its __hash__/__eq__ raised: a record of its own
-                self._log_split(key)
-                self._orphans.append((key, value))
-            except BaseException:
-                self._orphans.extend(pairs[index:])
-                raise
-
     def _home_at(self, records: dict[K, V]) -> None:
         """Make ``records`` the home (their key objects are the ones stored first)."""
         self._home = records
         self._home_keys = {key: key for key in records}
 
-    def _consolidate(self, me: _Buffer[K, V]) -> None:
+    def _consolidate(self, me: Buffer[K, V]) -> None:
         """Move every record home, partials combined, for a read. Called with ``_shared`` held."""
         self._home_at(self._gather(me))
 
     def _others(self) -> list[Mapping[K, V]]:
-        return [*self._transit, _Pairs(self._orphans)]
+        return [*self._transit, Pairs(self._orphans)]
 
     # -- reads ---------------------------------------------------------------------
 
@@ -508,7 +388,7 @@ class FreeThreadedStorage(Generic[K, V]):
         with self._locked("flush()"):
             gathered = self._gather(me)
             orphans, self._orphans = self._orphans, []
-            chunks: list[Mapping[K, V]] = [_Pairs(orphans)] if orphans else []  # older halves first
+            chunks: list[Mapping[K, V]] = [Pairs(orphans)] if orphans else []  # older halves first
             if gathered:
                 chunks.append(gathered)
             self._transit = tuple(chunks)
@@ -517,7 +397,7 @@ class FreeThreadedStorage(Generic[K, V]):
     def requeue(self, chunk: Mapping[K, V], leftover: list[tuple[K, V]], /) -> list[tuple[K, V]]:
         me = self._own("flush()")
         with self._locked("flush()"):
-            if isinstance(chunk, _Pairs):
+            if isinstance(chunk, Pairs):
                 # Halves of split records, already logged and counted: merging them back could
                 # fail again and reorder them; the engine delivers them past max_pending (FLUSH-6).
                 halves: kit.Unsettled[K, V] = kit.Unsettled(leftover)
@@ -550,7 +430,7 @@ class FreeThreadedStorage(Generic[K, V]):
                     with buffer.lock:
                         pass
                 else:
-                    _wait_until_idle(buffer, None)
+                    wait_until_idle(buffer, None)
 
     def counts(self) -> tuple[int, int]:
         buffers, (merges, stored) = self._accounts

@@ -1,0 +1,166 @@
+"""The freethreaded storage's parts: per-thread buffers, pair chunks, waits, the order of pieces."""
+
+from __future__ import annotations
+
+import logging
+import sysconfig
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from typing import Any, Generic, NoReturn, TypeVar, final
+
+import aggregator_reference as ar
+from aggregator_reference import kit
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+#: Whether this CPython was built with ``--disable-gil`` (the GIL may still be on at run time).
+FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+logger = logging.getLogger("aggregator_reference")
+
+_now = time.perf_counter_ns
+#: The stamp of a partial taken from home: older than any other partial of its key.
+_FROM_HOME = -1
+#: The stamp of a record at home (not stored): older than every partial.
+_HOME = -2
+
+
+@final
+class Buffer(Generic[K, V]):
+    """One thread's records.
+
+    ``state`` is ``(records, stamps)``: the records, and the stamp of the add
+    that stored each one, in the records' insertion order (the owner never
+    deletes a record); it is replaced whole, so that a flush takes both at once.
+    Only the owner thread writes ``busy``, ``merges``, ``stored``, and writes
+    into ``state``'s dict and list; other threads replace ``state`` (taking the
+    records out) only while holding the storage's ``_shared`` lock, and on
+    free-threaded builds also ``lock``, which the owner holds for the whole of
+    each ``add``.
+    """
+
+    __slots__ = ("busy", "lock", "merges", "owner", "state", "stored")
+
+    def __init__(self, owner: threading.Thread) -> None:
+        self.state: tuple[dict[K, V], list[int]] = ({}, [])
+        self.lock = threading.Lock()
+        self.busy = False  # the owner is inside add(), or inside a merge run on its behalf
+        self.merges = 0
+        self.stored = 0
+        self.owner = owner
+
+
+@final
+class Pairs(Mapping[K, V]):
+    """Records kept as pairs, for keys that may not hash: iterating never hashes a key."""
+
+    def __init__(self, pairs: list[tuple[K, V]]) -> None:
+        self._pairs = pairs
+
+    def __getitem__(self, key: K) -> V:
+        for stored, value in self._pairs:
+            if stored == key:
+                return value
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[K]:
+        return (key for key, _ in self._pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def items(self) -> Any:
+        return list(self._pairs)
+
+
+def wait_until_idle(buffer: Buffer[Any, Any], deadline: float | None) -> bool:
+    """GIL builds: wait for the owner to leave ``add()``, sleeping; ``False`` once past ``deadline``."""
+    pause = 0.0
+    while buffer.busy:
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(0.001, pause * 2 or 1e-6)
+    return True
+
+
+def refuse_wait(call: str) -> NoReturn:
+    raise ar.ReentrantMergeError(
+        f"{call} called from inside merge waited {kit.CALLBACK_WAIT} s for a thread that may be "
+        "waiting for this one; refused rather than risk a deadlock"
+    )
+
+
+def first_stamps(
+    gathered: dict[K, V], adopted: list[int] | None, home_keys: dict[K, K]
+) -> dict[K, tuple[int, K]]:
+    """The first-add stamp and key object of each gathered record: home's, or an adopted buffer's."""
+    firsts: dict[K, tuple[int, K]] = {}
+    for index, key in enumerate(gathered):
+        stamp = _HOME if adopted is None else adopted[index] if index < len(adopted) else 0
+        try:
+            firsts[key] = (stamp, home_keys.get(key, key))
+        except Exception:  # a key whose hash fails now: its pieces are combined as home's
+            pass
+    return firsts
+
+
+def combine(
+    pieces: list[tuple[int, int, K, V]],
+    merge: Callable[[V, V], V],
+    orphans: list[tuple[K, V]],
+    on_error: Callable[[object], None],
+) -> tuple[K, V]:
+    """Merge one key's pieces, oldest first; return the record, under the key added first.
+
+    A ``merge`` that raises splits the record (FLUSH-6): what was combined
+    so far waits in ``orphans``, delivered first, and the piece goes on.
+    A ``BaseException`` leaves every piece not combined among the orphans
+    too, in order, and propagates.
+    """
+    pieces.sort(key=lambda piece: piece[:2])
+    first = pieces[0][2]
+    record = pieces[0][3]
+    for index in range(1, len(pieces)):
+        value = pieces[index][3]
+        try:
+            record = merge(record, value)
+        except Exception:
+            on_error(first)
+            orphans.append((first, record))
+            record = value
+        except BaseException:
+            orphans.append((first, record))
+            orphans.extend((first, piece[3]) for piece in pieces[index:])
+            raise
+    return first, record
+
+
+def place(
+    gathered: dict[K, V],
+    firsts: dict[K, tuple[int, K]],
+    extra: dict[K, list[tuple[int, int, K, V]]],
+    records: dict[K, V],
+    order: list[int],
+    *,
+    orphans: list[tuple[K, V]],
+    on_error: Callable[[object], None],
+) -> None:
+    """Put one buffer's records into ``gathered``, or in ``extra`` where the key is there already."""
+    pairs = list(records.items())
+    for index, (key, value) in enumerate(pairs):
+        stamp = order[index] if index < len(order) else 0
+        try:
+            if key in gathered:
+                extra.setdefault(key, []).append((stamp, len(extra.get(key, ())), key, value))
+            else:
+                gathered[key] = value
+                firsts[key] = (stamp, key)
+        except Exception:  # its __hash__/__eq__ raised: a record of its own
+            on_error(key)
+            orphans.append((key, value))
+        except BaseException:
+            orphans.extend(pairs[index:])
+            raise
