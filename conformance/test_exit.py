@@ -1,0 +1,210 @@
+"""Exit and shutdown as users meet them: LIFE-2 (interpreter exit), CLOSE-6 (a shutdown that waits says why)."""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from aggregator_reference import _exit
+
+from .conftest import Factory, fold_records
+
+#: Seconds a child interpreter gets to exit before the test fails: far above any bound it uses.
+CHILD_LIMIT = 60.0
+
+PREAMBLE = """
+import operator, sys, threading
+import aggregator_reference as ar
+
+agg = ar.create(operator.add, backend=sys.argv[1], flush_interval=None, max_pending=4)
+"""
+
+CONSUMER_LEFT_RUNNING = (
+    PREAMBLE
+    + """
+for i in range(20):
+    agg.add(i, 1)
+
+def consume():
+    for key, value in agg.records():
+        print(key, value, flush=True)
+    print("records() ended", flush=True)
+
+threading.Thread(target=consume, name="consumer").start()  # not a daemon: exit joins it
+# The script ends here: no shutdown(), no join.
+"""
+)
+
+NO_CONSUMER = (
+    PREAMBLE
+    + """
+for i in range(10):
+    agg.add(i, 1)
+ar.set_exit_timeout(0.5)
+print("script ended", flush=True)
+"""
+)
+
+SHUT_DOWN_ALREADY = """
+import operator, sys
+import aggregator_reference as ar
+
+agg = ar.create(operator.add, backend=sys.argv[1], flush_interval=None)
+for i in range(3):
+    agg.add(i, 1)
+agg.shutdown()  # its 3 records stay in the output, never consumed: the caller's choice
+print("script ended", flush=True)
+"""
+
+
+def run_child(script: str, backend_name: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter with ``backend_name`` as ``sys.argv[1]``; fail if it hangs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("PYTHONWARNINGS", None)
+    command = [sys.executable, "-c", script, backend_name]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=CHILD_LIMIT)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            stdout, stderr = child.communicate()
+            raise AssertionError(
+                f"the script did not exit within {CHILD_LIMIT:g} s (a thread blocked in records() "
+                f"keeps it alive?)\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            ) from None
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+
+
+@pytest.mark.clause("LIFE-2")
+def test_exit_delivers_every_record_to_a_consumer_left_running(backend_name: str) -> None:
+    child = run_child(CONSUMER_LEFT_RUNNING, backend_name)
+    assert child.returncode == 0, child.stderr
+    lines = child.stdout.splitlines()
+    assert lines[-1:] == ["records() ended"], child.stdout
+    assert sorted(lines[:-1], key=lambda line: int(line.split()[0])) == [f"{i} 1" for i in range(20)]
+    assert "not delivered" not in child.stderr, child.stderr
+
+
+@pytest.mark.clause("LIFE-2")
+def test_exit_without_a_consumer_warns_with_counts(backend_name: str) -> None:
+    child = run_child(NO_CONSUMER, backend_name)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "script ended\n"
+    # max_pending=4 of 10 keys reached the output; 6 stayed buffered.
+    assert re.search(r"4 record\(s\) pending in the output, 6 key\(s\) still buffered", child.stderr), (
+        child.stderr
+    )
+    assert "set_exit_timeout" in child.stderr, child.stderr
+
+
+@pytest.mark.clause("LIFE-2")
+def test_exit_skips_an_aggregator_already_shut_down(backend_name: str) -> None:
+    child = run_child(SHUT_DOWN_ALREADY, backend_name)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "script ended\n"
+    assert "aggregator" not in child.stderr.lower(), child.stderr
+
+
+class _Counter(logging.Handler):
+    """Sets ``enough`` once ``count`` WARNINGs have been logged."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(logging.WARNING)
+        self.count = count
+        self.enough = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.enough.set()
+
+
+@pytest.fixture
+def warnings_seen(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[_Counter]:
+    """A waiting shutdown warns every 10 ms; the handler says when it has warned twice."""
+    monkeypatch.setattr(_exit, "SHUTDOWN_WARNING_INTERVAL", 0.01)
+    counter = _Counter(2)
+    logger = logging.getLogger("aggregator_reference")
+    logger.addHandler(counter)
+    with caplog.at_level(logging.WARNING, logger="aggregator_reference"):
+        yield counter
+    logger.removeHandler(counter)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "aggregator_reference" and r.levelno == logging.WARNING
+    ]
+
+
+@pytest.mark.clause("CLOSE-6")
+def test_a_shutdown_waiting_for_a_consumer_warns_with_counts(
+    make: Factory, warnings_seen: _Counter, caplog: pytest.LogCaptureFixture
+) -> None:
+    agg = make(operator.add, max_pending=2)
+    for i in range(10):
+        agg.add(i, 1)
+    delivered: dict[int, int] = {}
+    consumer = threading.Thread(target=fold_records, args=(agg, delivered), daemon=True)
+    with ThreadPoolExecutor(1) as pool:
+        shutting = pool.submit(agg.shutdown)
+        try:
+            seen = warnings_seen.enough.wait(30)
+            waited = not shutting.done()
+        finally:
+            consumer.start()  # the consumer comes only now, so that shutdown() had to wait
+        shutting.result(30)
+    consumer.join(30)
+    assert seen, "shutdown() waited without a WARNING"
+    assert waited
+    assert delivered == dict.fromkeys(range(10), 1)
+    said = _warnings(caplog)
+    assert len(said) >= 2
+    assert "2 record(s) pending in the output, 8 key(s) buffered" in said[0], said[0]
+    assert "a consumer to make room" in said[0], said[0]
+    assert "records() or drain()" in said[0], said[0]
+    assert "timeout=" in said[0], said[0]
+
+
+@pytest.mark.clause("CLOSE-6", "CLOSE-4")
+def test_a_shutdown_waiting_for_a_merge_warns(
+    make: Factory, warnings_seen: _Counter, caplog: pytest.LogCaptureFixture
+) -> None:
+    in_merge, release = threading.Event(), threading.Event()
+
+    def merge(stored: Any, incoming: Any) -> Any:
+        if incoming == 2:
+            in_merge.set()
+            release.wait(30)
+        return stored + incoming
+
+    agg = make(merge)
+    with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(1) as stopper:
+        writer.submit(agg.add, "k", 1).result()
+        adding = writer.submit(agg.add, "k", 2)
+        assert in_merge.wait(30)
+        shutting = stopper.submit(agg.shutdown)
+        seen = warnings_seen.enough.wait(30)
+        release.set()
+        assert seen, "shutdown() waited for a merge without a WARNING"
+        assert adding.result(30) is True
+        shutting.result(30)
+    assert agg.drain() == [("k", 3)]
+    said = _warnings(caplog)
+    assert "merge is still running" in said[0], said[0]
+    assert "0 record(s) pending in the output" in said[0], said[0]
+    assert "timeout=" in said[0], said[0]

@@ -1,0 +1,189 @@
+"""Shutting down at interpreter exit (LIFE-2): the bound, the hook's order, its failures, Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import aggregator_reference as ar
+from aggregator_reference import _exit
+
+#: Seconds a child interpreter gets to exit before the test fails.
+CHILD_LIMIT = 60.0
+
+
+@pytest.fixture
+def exit_timeout() -> Iterator[None]:
+    """Restore the exit bound that a test changes."""
+    previous = ar.set_exit_timeout(_exit.DEFAULT_EXIT_TIMEOUT)
+    yield
+    ar.set_exit_timeout(previous)
+
+
+@pytest.mark.usefixtures("exit_timeout")
+def test_set_exit_timeout_returns_the_previous_bound() -> None:
+    assert ar.set_exit_timeout(2) == _exit.DEFAULT_EXIT_TIMEOUT
+    assert ar.set_exit_timeout(None) == 2
+    assert ar.set_exit_timeout(0) is None
+    assert ar.set_exit_timeout(0.25) == 0
+
+
+@pytest.mark.usefixtures("exit_timeout")
+@pytest.mark.parametrize(
+    ("seconds", "error", "message"),
+    [
+        ("5", TypeError, "exit timeout must be a number of seconds or None, got str"),
+        (True, TypeError, "got bool"),
+        (-1, ValueError, r"exit timeout must be >= 0 seconds .* got -1"),
+        (math.nan, ValueError, "got nan"),
+        (math.inf, ValueError, "pass None to wait without a bound"),
+    ],
+)
+def test_set_exit_timeout_refuses_bad_bounds(seconds: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        ar.set_exit_timeout(seconds)  # type: ignore[arg-type]
+    assert ar.set_exit_timeout(1) == _exit.DEFAULT_EXIT_TIMEOUT  # unchanged by the refusal
+
+
+def test_a_failing_shutdown_at_exit_is_logged_and_the_others_go_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = ar.create(operator.add, backend="reference", flush_interval=None)
+    fine = ar.create(operator.add, backend="reference", flush_interval=None)
+    broken.add("a", 1)
+    fine.add("b", 1)
+
+    def close() -> None:
+        raise OSError("the storage cannot close")
+
+    monkeypatch.setattr(broken._storage, "close", close)  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="aggregator_reference"):
+        _exit.shut_down_all([broken, fine], 10.0)
+    assert fine.closed
+    assert fine.drain() == [("b", 1)]
+    assert not broken.closed
+    assert list(broken.records()) == []  # its output was closed all the same: records() ends
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, caplog.text
+    assert "the storage cannot close" in caplog.text
+    assert "ReferenceAggregator" in errors[0].getMessage()
+
+
+def test_the_exit_hook_never_raises(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def fail(*args: object) -> None:
+        raise RuntimeError("a bug in the exit hook")
+
+    monkeypatch.setattr(_exit, "shut_down_all", fail)
+    agg = ar.create(operator.add, backend="reference", flush_interval=None)
+    with caplog.at_level(logging.WARNING, logger="aggregator_reference"):
+        _exit.at_exit()  # must not raise
+    assert "a bug in the exit hook" in caplog.text
+    agg.shutdown()
+
+
+def test_the_exit_hook_holds_aggregators_weakly() -> None:
+    agg = ar.create(operator.add, backend="reference", flush_interval=None)
+    assert agg in _exit.live()
+    agg.shutdown()
+    assert agg not in _exit.live()  # shut down: nothing left to do at exit
+    del agg
+
+
+def child_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def run_child(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter; fail, with its output, if it does not exit."""
+    command = [sys.executable, "-c", script]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
+    ) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=CHILD_LIMIT)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            stdout, stderr = child.communicate()
+            raise AssertionError(
+                f"the script did not exit within {CHILD_LIMIT:g} s\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            ) from None
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+
+
+POOL_CONSUMER = """
+import operator
+import aggregator_reference as ar
+
+agg = ar.create(operator.add, backend="reference", flush_interval=None, max_pending=4)
+for i in range(20):
+    agg.add(i, 1)
+
+# Imported after the aggregator exists: concurrent.futures then registers its own exit hook,
+# which joins the pool's workers, after ours. Ours must still run first.
+from concurrent.futures import ThreadPoolExecutor
+
+def consume():
+    print("consumed", sum(value for _, value in agg.records()), flush=True)
+
+ThreadPoolExecutor(1).submit(consume)  # never shut down: its worker is joined at exit
+"""
+
+
+def test_a_consumer_in_a_thread_pool_ends_at_exit() -> None:
+    child = run_child(POOL_CONSUMER)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "consumed 20\n"
+
+
+STALLED_FOREVER = """
+import operator
+import aggregator_reference as ar
+from aggregator_reference import _exit
+
+_exit.SHUTDOWN_WARNING_INTERVAL = 0.05
+ar.set_exit_timeout(None)  # wait as long as it takes: only Ctrl-C ends it
+agg = ar.create(operator.add, backend="reference", flush_interval=None, max_pending=4)
+for i in range(10):
+    agg.add(i, 1)
+"""
+
+
+def test_ctrl_c_while_exit_waits_stops_waiting_and_says_what_was_left() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", STALLED_FOREVER],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    ) as child:
+        assert child.stderr is not None
+        timer = threading.Timer(CHILD_LIMIT, child.kill)  # a child that hangs ends our reads
+        timer.start()
+        try:
+            seen = []
+            for line in child.stderr:  # the periodic WARNING says that exit is waiting
+                seen.append(line)
+                if "has waited" in line:
+                    child.send_signal(signal.SIGINT)
+                    break
+            seen.append(child.stderr.read())
+            returncode = child.wait()
+        finally:
+            timer.cancel()
+    stderr = "".join(seen)
+    assert returncode == 0, stderr
+    assert "has waited" in stderr, stderr
+    assert "interrupted" in stderr, stderr
+    assert "4 record(s) pending in the output, 6 key(s) still buffered" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
