@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+import aggregator_reference as ar
+
 from .conftest import Factory, run_threads, shutdown_collecting
 
 
@@ -229,8 +231,11 @@ def test_one_writer_with_the_periodic_flusher_and_a_full_output(make: Factory) -
     stats = agg.stats()
     assert agg.stats().requeued > 0
     assert stats.stored == 1 + stored_anew
-    # A tick detaches for microseconds out of every 5 ms; re-storing keys at every tick is a bug.
-    assert stored_anew <= 5 + stats.flushes // 4, (stored_anew, stats.flushes)
+    # With the GIL, a tick detaches for microseconds out of every 5 ms and an add lands in
+    # that window only at a thread switch: re-storing keys at every tick is a bug. Without
+    # it the writer runs beside the flusher, and adds in the window are legitimately new.
+    if ar.gil_enabled():
+        assert stored_anew <= 5 + stats.flushes // 4, (stored_anew, stats.flushes)
 
 
 @pytest.mark.clause("KEY-1")
