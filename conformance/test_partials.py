@@ -217,3 +217,92 @@ def test_a_split_is_logged_and_counted_once(make: Factory, caplog: pytest.LogCap
         failing["on"] = False
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert agg.stats().flush_errors == len(errors) <= 1, [r.getMessage() for r in errors]
+
+
+@pytest.mark.clause("ADD-1", "ADD-2", "READ-2")
+def test_one_writer_merges_while_another_thread_reads(make: Factory, fast_switching: None) -> None:
+    agg = make(lambda stored, incoming: stored + incoming)
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            agg.get("k")
+
+    agg.add("k", 1)  # buffered from now on: nothing flushes
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        stored_anew = sum(not agg.add("k", 1) for _ in range(20000))
+    finally:
+        stop.set()
+        reader.join(30)
+    assert stored_anew == 0, f"add returned False {stored_anew} times while the key was buffered"
+    assert agg.stats().stored == 1
+
+
+@pytest.mark.clause("REENTRY-1", "THREAD-1")
+def test_a_plain_add_waits_for_a_slow_merge_and_is_never_refused(make: Factory) -> None:
+    in_merge = threading.Event()
+
+    def merge(stored: str, incoming: str) -> str:
+        if incoming == "slow":
+            in_merge.set()
+            time.sleep(1.5)  # longer than kit.CALLBACK_WAIT: only calls from inside merge may give up
+        return stored + incoming
+
+    agg = make(merge)
+    agg.add("a", "a0")
+    agg.add("b", "b0")
+    agg.get("a")  # a read: a backend with partials may move both records to a shared place
+    with ThreadPoolExecutor(1) as plain, ThreadPoolExecutor(1) as slow:
+        plain.submit(agg.add, "other", "x").result()
+        slowly = slow.submit(agg.add, "b", "slow")
+        assert in_merge.wait(10)
+        assert plain.submit(agg.add, "a", "a1").result(30) in (True, False)
+        assert slowly.result(30) is True
+    assert shutdown_collecting(agg, concat_str) == {"a": "a0a1", "b": "b0slow", "other": "x"}
+
+
+def concat_str(stored: str, incoming: str) -> str:
+    return stored + incoming
+
+
+@pytest.mark.clause("REENTRY-1")
+def test_merges_flushing_each_others_aggregator_while_flushes_run_never_deadlock(backend_name: str) -> None:
+    inside = {"X": threading.Event(), "Y": threading.Event()}
+    go = threading.Event()
+    aggs: dict[str, Any] = {}
+    outcome: dict[str, str] = {}
+
+    def merging(name: str, other: str) -> Any:
+        def merge(stored: str, incoming: str) -> str:
+            if incoming == "call":
+                inside[name].set()
+                go.wait(10)
+                try:
+                    aggs[other].flush()
+                    outcome[name] = "worked"
+                except ar.ReentrantMergeError:
+                    outcome[name] = "refused"
+            return stored + incoming
+
+        return merge
+
+    for name, other in (("X", "Y"), ("Y", "X")):
+        aggs[name] = ar.create(merging(name, other), backend=backend_name, flush_interval=None)
+    try:
+        for agg in aggs.values():
+            agg.add("k", "main")
+        with ThreadPoolExecutor(4) as pool:
+            writes = [pool.submit(lambda a=a: (a.add("k", "w"), a.add("k", "call"))) for a in aggs.values()]
+            for event in inside.values():
+                assert event.wait(10)
+            flushes = [pool.submit(agg.flush) for agg in aggs.values()]
+            time.sleep(0.2)  # let the plain flushes reach the records the merges hold
+            go.set()
+            call_bounded(lambda: [f.result() for f in writes + flushes], 30, "merges flushing each other")
+        assert sorted(outcome) == ["X", "Y"]
+    finally:
+        delivered = [shutdown_collecting(agg, concat_str) for agg in aggs.values()]
+    for got in delivered:
+        assert sorted(got["k"]) == sorted("mainwcall")

@@ -93,3 +93,79 @@ def test_a_take_from_home_and_a_new_partial_keep_a_threads_order(window: Window)
         a.submit(agg.add, "k", [("A", 3)]).result()  # a new partial of A
 
     assert run(scenario, window) == [1, 2, 3]
+
+
+class FailingHashKey:
+    """A key whose ``__hash__`` raises at the n-th call counted over every such key."""
+
+    calls = 0
+    fail_at = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        FailingHashKey.calls += 1
+        if FailingHashKey.calls == FailingHashKey.fail_at:
+            raise ValueError("hash fails once")
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FailingHashKey) and other.name == self.name
+
+
+def sweep_run(fail_at: int, pools: list[ThreadPoolExecutor]) -> list[str]:
+    """Two writers, a reader and flushes over two keys; the n-th hash fails. What broke CLOSE-5."""
+    FailingHashKey.calls, FailingHashKey.fail_at = 0, fail_at
+    a, b, r = pools
+    agg: Any = FreeThreadedAggregator(lambda x, y: x + y, flush_interval=None, max_pending=2)
+    k, j = FailingHashKey("k"), FailingHashKey("j")
+    added: list[tuple[str, str]] = []
+
+    def add(pool: ThreadPoolExecutor, key: FailingHashKey, value: str) -> None:
+        try:
+            pool.submit(agg.add, key, (value,)).result(10)
+            added.append((key.name, value))
+        except ValueError:
+            pass
+
+    def do(pool: ThreadPoolExecutor, call: Callable[[], object]) -> None:
+        try:
+            pool.submit(call).result(10)
+        except ValueError:
+            pass
+
+    add(a, k, "A0"), add(b, k, "B0"), add(a, j, "A0j")
+    do(r, lambda: agg.get(k))
+    add(b, k, "B1"), add(a, k, "A1")
+    do(a, agg.flush)
+    add(a, k, "A2"), do(r, agg.snapshot), add(a, k, "A3"), add(b, k, "B2")
+    do(b, agg.flush)
+    add(a, k, "A4"), do(r, lambda: agg.get(j)), add(b, j, "B0j")
+    got: list[tuple[Any, tuple[str, ...]]] = []
+    for _ in range(20):
+        do(a, agg.flush)
+        got += agg.drain()
+        if not len(agg) and not agg.pending:
+            break
+    FailingHashKey.fail_at = 0
+    agg.shutdown(timeout=10)
+    got += agg.drain()
+    problems = []
+    for name in ("k", "j"):
+        delivered = sorted(v for key, values in got if key.name == name for v in values)
+        expected = sorted(v for n, v in added if n == name)
+        if delivered != expected:
+            problems.append(f"fail_at={fail_at}: {name} delivered {delivered}, added {expected}")
+    return problems
+
+
+def test_a_hash_failing_anywhere_loses_and_doubles_nothing() -> None:
+    pools = [ThreadPoolExecutor(1) for _ in range(3)]
+    try:
+        FailingHashKey.fail_at = 0
+        problems = [p for n in range(1, 90) for p in sweep_run(n, pools)]
+    finally:
+        for pool in pools:
+            pool.shutdown()
+    assert not problems, problems
