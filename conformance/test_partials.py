@@ -294,7 +294,12 @@ def test_merges_flushing_each_others_aggregator_while_flushes_run_never_deadlock
         for agg in aggs.values():
             agg.add("k", "main")
         with ThreadPoolExecutor(4) as pool:
-            writes = [pool.submit(lambda a=a: (a.add("k", "w"), a.add("k", "call"))) for a in aggs.values()]
+
+            def write(agg: Any) -> None:
+                agg.add("k", "w")
+                agg.add("k", "call")  # merges; the merge flushes the other aggregator
+
+            writes = [pool.submit(write, agg) for agg in aggs.values()]
             for event in inside.values():
                 assert event.wait(10)
             flushes = [pool.submit(agg.flush) for agg in aggs.values()]

@@ -135,13 +135,25 @@ def sweep_run(fail_at: int, pools: list[ThreadPoolExecutor]) -> list[str]:
         except ValueError:
             pass
 
-    add(a, k, "A0"), add(b, k, "B0"), add(a, j, "A0j")
-    do(r, lambda: agg.get(k))
-    add(b, k, "B1"), add(a, k, "A1")
-    do(a, agg.flush)
-    add(a, k, "A2"), do(r, agg.snapshot), add(a, k, "A3"), add(b, k, "B2")
-    do(b, agg.flush)
-    add(a, k, "A4"), do(r, lambda: agg.get(j)), add(b, j, "B0j")
+    steps: list[Callable[[], None]] = [
+        lambda: add(a, k, "A0"),
+        lambda: add(b, k, "B0"),
+        lambda: add(a, j, "A0j"),
+        lambda: do(r, lambda: agg.get(k)),
+        lambda: add(b, k, "B1"),
+        lambda: add(a, k, "A1"),
+        lambda: do(a, agg.flush),
+        lambda: add(a, k, "A2"),
+        lambda: do(r, agg.snapshot),
+        lambda: add(a, k, "A3"),
+        lambda: add(b, k, "B2"),
+        lambda: do(b, agg.flush),
+        lambda: add(a, k, "A4"),
+        lambda: do(r, lambda: agg.get(j)),
+        lambda: add(b, j, "B0j"),
+    ]
+    for step in steps:
+        step()
     got: list[tuple[Any, tuple[str, ...]]] = []
     for _ in range(20):
         do(a, agg.flush)

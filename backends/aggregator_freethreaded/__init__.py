@@ -84,6 +84,7 @@ class FreeThreadedStorage(Generic[K, V]):
         self._orphans: list[tuple[K, V]] = []
         self._taken_home: set[K] = set()  # keys whose record an add took from home since the last gather
         self._deadline: float | None = None  # how long a caller inside user code may wait (_locked)
+        self._gathers = 0  # gathers begun and ended: odd while one runs (adds read it, unlocked)
         # (buffers, (merges, stored) of dropped buffers), replaced whole so counts() needs no lock.
         self._accounts: tuple[tuple[Buffer[K, V], ...], tuple[int, int]] = ((), (0, 0))
         #: Merges that raised while partial records were combined, logged (FLUSH-6).
@@ -146,8 +147,9 @@ class FreeThreadedStorage(Generic[K, V]):
                 data[key] = self._merge(data[key], value)
                 buffer.merges += 1
                 return True
+            gathers = self._gathers  # odd while a gather runs: home is elsewhere then
             home = self._home
-            if not (home and key in home):
+            if not (home and key in home) and not gathers & 1 and gathers == self._gathers:
                 data[key] = value
                 stamps.append(_now())
                 buffer.stored += 1
@@ -175,14 +177,16 @@ class FreeThreadedStorage(Generic[K, V]):
                 data[key] = self._merge(data[key], value)
                 buffer.merges += 1
                 return True
+            gathers = self._gathers  # odd while a gather runs: home is elsewhere then
             home = self._home
-            if not (home and key in home):
+            if not (home and key in home) and not gathers & 1 and gathers == self._gathers:
                 data[key] = value
                 stamps.append(_now())
                 buffer.stored += 1
                 return False
         finally:
             held.release()
+        del held  # released: the rest is not user code holding this lock
         return self._add_from_home(buffer, key, value)
 
     @kit.holds_locks
@@ -195,34 +199,39 @@ class FreeThreadedStorage(Generic[K, V]):
         two gathers (a second would not know its place), so a later add stores a
         new partial instead.
         """
-        held = buffer.lock
-        with self._locked("add()"), held:
-            buffer.busy = True
-            try:
-                if self._closed:
-                    kit.refuse_closed("add()")
-                data, stamps = buffer.state
-                home = self._home
-                if key in home and key not in self._taken_home:
-                    stored = home[key]
-                    merged = self._merge(stored, value)  # if it raises, home keeps the record
-                    original = self._home_keys.get(key, key)
-                    del home[key]
-                    try:
-                        data[original] = merged
-                    except BaseException:
-                        home[original] = stored  # a key whose hash failed: put it back first
-                        raise
-                    stamps.append(_FROM_HOME)
-                    self._taken_home.add(original)
-                    buffer.merges += 1
-                    return True
-                data[key] = value  # a flush took it meanwhile, or a piece of it is out already
-                stamps.append(_now())
-                buffer.stored += 1
-                return False
-            finally:
-                buffer.busy = False
+        with self._locked("add()"):  # before binding held: this call is not from inside merge
+            held = buffer.lock
+            with held:
+                return self._add_from_home_locked(buffer, key, value)
+
+    def _add_from_home_locked(self, buffer: Buffer[K, V], key: K, value: V) -> bool:
+        """:meth:`_add_from_home` with ``_shared`` and the buffer's lock held."""
+        buffer.busy = True
+        try:
+            if self._closed:
+                kit.refuse_closed("add()")
+            data, stamps = buffer.state
+            home = self._home
+            if key in home and key not in self._taken_home:
+                stored = home[key]
+                merged = self._merge(stored, value)  # if it raises, home keeps the record
+                original = self._home_keys.get(key, key)
+                self._taken_home.add(original)  # hashes before anything moves
+                del home[key]
+                try:
+                    data[original] = merged
+                except BaseException:
+                    home[original] = stored  # a key whose hash failed: put it back first
+                    raise
+                stamps.append(_FROM_HOME)
+                buffer.merges += 1
+                return True
+            data[key] = value  # a flush took it meanwhile, or a piece of it is out already
+            stamps.append(_now())
+            buffer.stored += 1
+            return False
+        finally:
+            buffer.busy = False
 
     # -- moving records between buffers ----------------------------------------------
 
@@ -279,7 +288,7 @@ class FreeThreadedStorage(Generic[K, V]):
             finally:
                 me.busy = False
 
-    def _gather(self, me: Buffer[K, V]) -> dict[K, V]:
+    def _gather(self, me: Buffer[K, V], *, home: bool = False) -> dict[K, V]:
         """Take every record out and combine each key's pieces; drop the buffers of exited threads.
 
         A key's pieces are combined in this order: home's record (re-queued or
@@ -291,6 +300,16 @@ class FreeThreadedStorage(Generic[K, V]):
         """
 
         def gather() -> dict[K, V]:
+            self._gathers += 1  # odd: an add that misses its buffer must ask under _shared
+            try:
+                gathered = gathered_all()
+                if home:  # for a read: the records go home before adds may look there again
+                    self._home_at(gathered)
+                return gathered
+            finally:
+                self._gathers += 1
+
+        def gathered_all() -> dict[K, V]:
             gathered, home_keys = self._home, self._home_keys
             self._home, self._home_keys, self._taken_home = {}, {}, set()
             firsts: dict[K, tuple[int, K]] | None = None  # stamp and key object of each gathered record
@@ -299,6 +318,7 @@ class FreeThreadedStorage(Generic[K, V]):
             buffers, (merges, stored) = self._accounts
             kept = []
             unplaced: dict[K, V] = {}  # taken from a buffer, not yet in gathered nor extra
+            combining: list[list[tuple[int, int, K, V]]] = []  # pieces out of extra and gathered
             try:
                 for buffer in buffers:
                     # Asked before taking: a thread seen dead can add nothing after the take.
@@ -323,19 +343,23 @@ class FreeThreadedStorage(Generic[K, V]):
                         orphans=self._orphans,
                         on_error=self._log_split,
                     )
-                for key, pieces in list(extra.items()):
+                combining = list(extra.values())
+                for pieces in combining:  # each key's record joins its pieces, out of gathered
+                    key = pieces[0][2]
                     stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
                     pieces.append((stamp, -1, first, gathered.pop(key)))
-                    del extra[key]
-                    first, record = combine(pieces, self._merge, self._orphans, self._log_split)
-                    gathered[first] = record
+                extra.clear()
+                while combining:  # combine() orphans its own pieces if interrupted
+                    first, record = combine(combining.pop(), self._merge, self._orphans, self._log_split)
+                    try:
+                        gathered[first] = record
+                    except Exception:  # its hash failed now: a record of its own
+                        self._orphans.append((first, record))
             except BaseException:
                 self._orphans.extend(unplaced.items())
-                for key, pieces in extra.items():  # keys not combined yet: every piece, in order
-                    stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
-                    pieces.append((stamp, -1, first, gathered.pop(key)))
+                for pieces in combining or list(extra.values()):  # not combined: every piece, in order
                     pieces.sort(key=lambda piece: piece[:2])
-                    self._orphans.extend((first, piece[3]) for piece in pieces)
+                    self._orphans.extend((piece[2], piece[3]) for piece in pieces)
                 self._home_at(gathered)
                 raise
             self._accounts = (tuple(kept), (merges, stored))
@@ -350,7 +374,7 @@ class FreeThreadedStorage(Generic[K, V]):
 
     def _consolidate(self, me: Buffer[K, V]) -> None:
         """Move every record home, partials combined, for a read. Called with ``_shared`` held."""
-        self._home_at(self._gather(me))
+        self._gather(me, home=True)
 
     def _others(self) -> list[Mapping[K, V]]:
         return [*self._transit, Pairs(self._orphans)]

@@ -154,10 +154,13 @@ def place(
         stamp = order[index] if index < len(order) else 0
         try:
             if key in gathered:
-                extra.setdefault(key, []).append((stamp, len(extra.get(key, ())), key, value))
+                pieces = extra.get(key)
+                if pieces is None:
+                    extra[key] = pieces = []
+                pieces.append((stamp, len(pieces), key, value))
             else:
+                firsts[key] = (stamp, key)  # first: a hash failing here leaves nothing half placed
                 gathered[key] = value
-                firsts[key] = (stamp, key)
         except Exception:  # its __hash__/__eq__ raised: a record of its own
             on_error(key)
             orphans.append((key, value))
