@@ -144,8 +144,18 @@ class BufferedAggregator(Generic[K, V]):
         if self._shutting_down:
             raise AggregatorClosedError("flush() called after shutdown() began")
         self._refuse_from_merge("flush()")
-        with self._flush_lock:
+        lock = self._flush_lock
+        # From inside another aggregator's merge, the running flush may be waiting for that
+        # merge: wait only so long (REENTRY-1).
+        if not lock.acquire(False) and not lock.acquire(timeout=kit.callback_timeout()):
+            raise ReentrantMergeError(
+                f"flush() called from inside merge waited {kit.CALLBACK_WAIT} s for a running flush "
+                "that may be waiting for this merge; refused rather than risk a deadlock"
+            )
+        try:
             return self._flush_locked()[0]
+        finally:
+            lock.release()
 
     def _refuse_from_merge(self, call: str) -> None:
         """Raise ``ReentrantMergeError`` if this thread is inside a ``merge`` this aggregator runs.
