@@ -21,6 +21,7 @@ __all__ = [
     "acquire_all",
     "call_holding",
     "callback_deadline",
+    "callback_timeout",
     "count_visible",
     "finish_acquire",
     "held_by_this_thread",
@@ -94,6 +95,16 @@ def callback_deadline() -> float | None:
     not go through :func:`finish_acquire`. It walks the stack: off the hot path.
     """
     return time.monotonic() + CALLBACK_WAIT if _locks_held(sys._getframe(1)) else None
+
+
+def callback_timeout() -> float:
+    """:data:`CALLBACK_WAIT` if this thread runs user code holding a storage's lock, else ``-1``.
+
+    A ready ``timeout=`` for ``Lock.acquire``: wait as long as it takes, unless
+    the caller is a ``merge`` (maybe another aggregator's) that others may be
+    waiting for. It walks the stack: off the hot path.
+    """
+    return CALLBACK_WAIT if _locks_held(sys._getframe(1)) else -1
 
 
 def in_user_code_of(owner: object) -> bool:
