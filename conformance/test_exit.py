@@ -1,4 +1,4 @@
-"""Exit and shutdown as users meet them: LIFE-2 (interpreter exit), CLOSE-6 (a shutdown that waits says why)."""
+"""Exit and shutdown as users meet them: LIFE-2 (interpreter exit), CLOSE-6 (a waiting shutdown warns)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,35 @@ print("script ended", flush=True)
 """
 )
 
+MERGE_STUCK = """
+import sys, threading
+import aggregator_reference as ar
+
+in_merge = threading.Event()
+
+def merge(stored, incoming):
+    if incoming == 2:
+        in_merge.set()
+        threading.Event().wait()  # never returns
+    return stored + incoming
+
+agg = ar.create(merge, backend=sys.argv[1], flush_interval=None)
+
+def write():  # both adds in one thread, so that the second merges into the first (ADD-2)
+    agg.add("k", 1)
+    agg.add("k", 2)
+
+def consume():
+    for key, value in agg.records():
+        print(key, value, flush=True)
+    print("records() ended", flush=True)
+
+threading.Thread(target=consume, name="consumer").start()  # not a daemon: exit joins it
+threading.Thread(target=write, daemon=True).start()
+in_merge.wait()
+ar.set_exit_timeout(0.5)
+"""
+
 SHUT_DOWN_ALREADY = """
 import operator, sys
 import aggregator_reference as ar
@@ -107,6 +136,15 @@ def test_exit_without_a_consumer_warns_with_counts(backend_name: str) -> None:
         child.stderr
     )
     assert "set_exit_timeout" in child.stderr, child.stderr
+
+
+@pytest.mark.clause("LIFE-2")
+def test_exit_ends_a_consumers_loop_even_when_the_bound_passes(backend_name: str) -> None:
+    child = run_child(MERGE_STUCK, backend_name)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.splitlines()[-1:] == ["records() ended"], child.stdout
+    assert "not shut down within the exit bound of 0.5 s" in child.stderr, child.stderr
+    assert "0 record(s) pending in the output" in child.stderr, child.stderr
 
 
 @pytest.mark.clause("LIFE-2")
@@ -206,5 +244,6 @@ def test_a_shutdown_waiting_for_a_merge_warns(
     assert agg.drain() == [("k", 3)]
     said = _warnings(caplog)
     assert "merge is still running" in said[0], said[0]
+    assert "not counted" in said[0], said[0]
     assert "0 record(s) pending in the output" in said[0], said[0]
     assert "timeout=" in said[0], said[0]

@@ -57,15 +57,15 @@ def test_set_exit_timeout_refuses_bad_bounds(seconds: object, error: type[Except
 def test_a_failing_shutdown_at_exit_is_logged_and_the_others_go_on(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    broken = ar.create(operator.add, backend="reference", flush_interval=None)
-    fine = ar.create(operator.add, backend="reference", flush_interval=None)
+    broken: ar.ReferenceAggregator[str, int] = ar.ReferenceAggregator(operator.add, flush_interval=None)
+    fine: ar.ReferenceAggregator[str, int] = ar.ReferenceAggregator(operator.add, flush_interval=None)
     broken.add("a", 1)
     fine.add("b", 1)
 
     def close() -> None:
         raise OSError("the storage cannot close")
 
-    monkeypatch.setattr(broken._storage, "close", close)  # type: ignore[attr-defined]
+    monkeypatch.setattr(broken._storage, "close", close)
     with caplog.at_level(logging.WARNING, logger="aggregator_reference"):
         _exit.shut_down_all([broken, fine], 10.0)
     assert fine.closed
@@ -76,9 +76,14 @@ def test_a_failing_shutdown_at_exit_is_logged_and_the_others_go_on(
     assert len(errors) == 1, caplog.text
     assert "the storage cannot close" in caplog.text
     assert "ReferenceAggregator" in errors[0].getMessage()
+    monkeypatch.undo()  # the storage closes again: finish, so that no ResourceWarning leaks into later tests
+    broken.shutdown()
+    assert broken.drain() == [("a", 1)]
 
 
-def test_the_exit_hook_never_raises(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_exit_hook_never_raises(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def fail(*args: object) -> None:
         raise RuntimeError("a bug in the exit hook")
 
