@@ -18,6 +18,7 @@ from __future__ import annotations
 from . import _kit as kit
 from ._engine import BufferedAggregator
 from ._errors import AggregatorClosedError, AggregatorError, BackendNotFoundError, ReentrantMergeError
+from ._exit import set_exit_timeout
 from ._reference import ReferenceAggregator, ReferenceStorage
 from ._registry import (
     ENTRY_POINT_GROUP,
@@ -50,6 +51,7 @@ __all__ = [
     "gil_enabled",
     "kit",
     "load_backend",
+    "set_exit_timeout",
 ]
 
 __version__ = "0.1.0"

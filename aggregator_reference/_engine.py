@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
+from . import _exit
 from . import _kit as kit
 from ._errors import AggregatorClosedError, ReentrantMergeError
 from ._output import Output
@@ -115,7 +115,7 @@ class BufferedAggregator(Generic[K, V]):
         self._flush_owner: int | None = None
         # Guards _closer: the one thread that runs storage.close() for shutdown().
         self._closer_lock = threading.Lock()
-        self._closer: _Closer | None = None
+        self._closer: _exit.Closer | None = None
         self._flushed = self._requeued = self._flushes = 0
         self._ticks_skipped = self._overflowed = self._flush_errors = 0
         self._stop = threading.Event()
@@ -128,6 +128,7 @@ class BufferedAggregator(Generic[K, V]):
                 daemon=True,
             )
             self._flusher.start()
+        _exit.register(self)  # shut down at interpreter exit if nobody did (LIFE-2)
 
     # -- flushing -------------------------------------------------------------
 
@@ -321,7 +322,8 @@ class BufferedAggregator(Generic[K, V]):
         """Stop the flusher, flush until the buffer is empty, then close the output.
 
         Idempotent, and safe to call from several threads. Waits for the
-        consumers (without spinning) while the output is full.
+        consumers (without spinning) while the output is full; while it waits,
+        it logs a WARNING every ``_exit.SHUTDOWN_WARNING_INTERVAL`` (5) seconds (CLOSE-6).
 
         Raises:
             TimeoutError: ``timeout`` seconds passed first; nothing is lost,
@@ -332,20 +334,21 @@ class BufferedAggregator(Generic[K, V]):
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
         self._refuse_from_merge("shutdown()")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = _exit.Patience(self, timeout)
         if self._closed:
             return
         self._shutting_down = True
         self._stop.set()
-        self._close_storage(deadline)
+        self._close_storage(wait)
         flusher = self._flusher
-        if flusher is not None and flusher is not threading.current_thread():
-            flusher.join(_remaining(deadline))
-            if flusher.is_alive():
-                raise TimeoutError("shutdown() timed out waiting for a running flush")
+        if (
+            flusher is not None
+            and flusher is not threading.current_thread()
+            and not wait.until(lambda seconds: _exit.joined(flusher, seconds), _exit.FLUSH)
+        ):
+            raise TimeoutError("shutdown() timed out waiting for a running flush")
         while True:
-            wait = _remaining(deadline)
-            if not self._flush_lock.acquire(timeout=-1 if wait is None else wait):
+            if not wait.until(lambda seconds: self._flush_lock.acquire(timeout=seconds), _exit.FLUSH):
                 raise TimeoutError("shutdown() timed out waiting for a running flush")
             try:
                 _, requeued = self._flush_locked()
@@ -353,7 +356,7 @@ class BufferedAggregator(Generic[K, V]):
                 self._flush_lock.release()
             if not requeued and not len(self._storage):
                 break
-            if requeued and not self._output.wait_for_room(deadline):
+            if requeued and not wait.until(self._output.wait_for_room, _exit.ROOM):
                 raise TimeoutError(
                     f"shutdown() timed out: the output is full ({self.pending} pending) "
                     f"and {len(self._storage)} record(s) are still buffered; nothing was lost, "
@@ -362,8 +365,8 @@ class BufferedAggregator(Generic[K, V]):
         self._output.close()
         self._closed = True
 
-    def _close_storage(self, deadline: float | None) -> None:
-        """``storage.close()``, which waits for adds in flight, within ``deadline`` (CLOSE-4).
+    def _close_storage(self, wait: _exit.Patience) -> None:
+        """``storage.close()``, which waits for adds in flight, within ``wait``'s deadline (CLOSE-4).
 
         It runs in a helper thread, so that a ``merge`` in flight (however slow)
         cannot hold the caller past its timeout; a later ``shutdown()`` waits for
@@ -375,8 +378,8 @@ class BufferedAggregator(Generic[K, V]):
         with self._closer_lock:
             closer = self._closer
             if closer is None:
-                closer = self._closer = _Closer(self._storage, type(self).__name__)
-        if not closer.done.wait(_remaining(deadline)):
+                closer = self._closer = _exit.Closer(self._storage, type(self).__name__)
+        if not wait.until(closer.done.wait, _exit.MERGE):
             raise TimeoutError(
                 "shutdown() timed out waiting for add() calls in flight (a merge still running); "
                 "nothing was lost, call shutdown() again"
@@ -422,28 +425,3 @@ class BufferedAggregator(Generic[K, V]):
             f"<{type(self).__name__} {state} buffered={len(self)} pending={self.pending} "
             f"shards={self.shards}>"
         )
-
-
-class _Closer:
-    """Runs ``storage.close()`` once, in a daemon thread; ``done`` is set when it has returned."""
-
-    def __init__(self, storage: Storage[Any, Any], name: str) -> None:
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self._storage = storage
-        threading.Thread(target=self._run, name=f"{name}-closer", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            self._storage.close()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-
-def _remaining(deadline: float | None) -> float | None:
-    """Seconds left until ``deadline`` (never negative), or ``None`` when there is none."""
-    if deadline is None:
-        return None
-    return max(0.0, deadline - time.monotonic())

@@ -76,13 +76,11 @@ class Output(Generic[T]):
             self._not_full.notify_all()
             return True, item
 
-    def wait_for_room(self, deadline: float | None) -> bool:
-        """Block until the output has room; ``False`` if ``deadline`` (monotonic) passed first."""
+    def wait_for_room(self, timeout: float) -> bool:
+        """Block until the output has room; ``False`` if ``timeout`` seconds passed first."""
+        deadline = time.monotonic() + timeout
         with self._mutex:
             while len(self._items) >= self.maxsize:
-                if deadline is None:
-                    self._not_full.wait()
-                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
