@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ _live: weakref.WeakSet[BufferedAggregator[Any, Any]] = weakref.WeakSet()
 _hooked = False
 # Assigned whole by set_exit_timeout(), read whole by at_exit().
 _exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT
+# In a thread that shuts an aggregator down at exit: set once exit stops waiting for it,
+# so that its shutdown() gives up quietly instead of logging while the interpreter ends.
+_given_up: ContextVar[threading.Event | None] = ContextVar("aggregator_reference_given_up", default=None)
 
 
 def _after_fork_in_child() -> None:
@@ -125,13 +129,15 @@ class Patience:
         self._started = time.monotonic()
         self.deadline = None if timeout is None else self._started + timeout
         self._warn_at = self._started + SHUTDOWN_WARNING_INTERVAL
+        self._given_up = _given_up.get()
 
     def until(self, ready: Callable[[float], bool], waiting: Waiting) -> bool:
         """Call ``ready(seconds)`` until it returns ``True``; ``False`` once the deadline has passed.
 
         ``ready`` blocks (on a Condition, Event, Lock or join) for at most
         ``seconds``, which end at the deadline or at the next WARNING,
-        whichever comes first; so this never spins.
+        whichever comes first; so this never spins. At exit, ``False`` also
+        once exit has stopped waiting for this thread.
         """
         while True:
             end = self._warn_at if self.deadline is None else min(self._warn_at, self.deadline)
@@ -139,6 +145,8 @@ class Patience:
                 return True
             now = time.monotonic()
             if self.deadline is not None and now >= self.deadline:
+                return False
+            if self._given_up is not None and self._given_up.is_set():
                 return False
             if now >= self._warn_at:
                 self._warn(now, waiting)
@@ -274,11 +282,13 @@ def shut_down_all(aggregators: Iterable[BufferedAggregator[Any, Any]], timeout: 
     stops the wait early, with the same reports.
     """
     deadline = None if timeout is None else time.monotonic() + timeout + _GRACE
-    endings = [_Ending(aggregator, timeout) for aggregator in aggregators]
+    endings = [_Ending(aggregator) for aggregator in aggregators]
     why = "as long as it took" if timeout is None else f"within the exit bound of {timeout:g} s"
     try:
         for ending in endings:
-            ending.thread.join(remaining(deadline))
+            ending.start(timeout)
+        for ending in endings:
+            ending.wait(deadline)
     except KeyboardInterrupt:
         why = "before exit was interrupted"
         logger.warning("aggregator_reference: exit interrupted; not waiting for shutdown() any longer")
@@ -289,28 +299,48 @@ def shut_down_all(aggregators: Iterable[BufferedAggregator[Any, Any]], timeout: 
 class _Ending:
     """One aggregator's ``shutdown()`` at exit, run in a daemon thread so that exit can stop waiting."""
 
-    def __init__(self, aggregator: BufferedAggregator[Any, Any], timeout: float | None) -> None:
+    def __init__(self, aggregator: BufferedAggregator[Any, Any]) -> None:
         self.aggregator = aggregator
         self.error: BaseException | None = None
         self.done = False  # set by the thread once shutdown() has returned or raised
+        self.given_up = threading.Event()  # set when exit stops waiting for it
+        self.thread: threading.Thread | None = None
+
+    def start(self, timeout: float | None) -> None:
         self.thread = threading.Thread(
-            target=self._run, args=(timeout,), name=f"{type(aggregator).__name__}-exit", daemon=True
+            target=self._run, args=(timeout,), name=f"{type(self.aggregator).__name__}-exit", daemon=True
         )
         try:
             self.thread.start()
         except RuntimeError:  # too late for threads (an atexit hook on 3.12+): here, then
             self._run(timeout)
 
+    def wait(self, deadline: float | None) -> None:
+        """Join the thread until ``deadline``, a second at a time.
+
+        A Ctrl-C that arrives just before one long lock wait begins would go
+        unseen until that wait ends; a second's wait sees it a second later.
+        """
+        while self.thread is not None and self.thread.is_alive():
+            left = remaining(deadline)
+            if left == 0:
+                return
+            self.thread.join(1.0 if left is None else min(left, 1.0))
+
     def _run(self, timeout: float | None) -> None:
+        token = _given_up.set(self.given_up)  # seen only by the shutdown() that this call makes
         try:
             self.aggregator.shutdown(timeout=timeout)
         except BaseException as exc:
             self.error = exc
+        finally:
+            _given_up.reset(token)
         self.done = True
 
     def report(self, why: str) -> None:
         """Close the output of an aggregator that did not shut down, and say what it leaves."""
         aggregator = self.aggregator
+        self.given_up.set()
         if aggregator.closed:
             return
         aggregator._output.close()  # consumers' records() loops end once it is empty

@@ -95,6 +95,51 @@ def test_the_exit_hook_never_raises(
     agg.shutdown()
 
 
+def test_a_shutdown_that_exit_stopped_waiting_for_ends_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A daemon thread still logging while the interpreter finalizes can hang it (a lock
+    # it holds when it is frozen); so once exit stops waiting, its shutdown() gives up.
+    monkeypatch.setattr(_exit, "SHUTDOWN_WARNING_INTERVAL", 0.01)
+    waited: list[_exit._Ending] = []
+    warned = threading.Event()
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.set()  # type: ignore[method-assign]
+    logging.getLogger("aggregator_reference").addHandler(handler)
+
+    def interrupted(self: _exit._Ending, deadline: float | None) -> None:
+        waited.append(self)
+        warned.wait(30)  # Ctrl-C once shutdown() has said that it waits
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_exit._Ending, "wait", interrupted)
+    agg: ar.ReferenceAggregator[int, int] = ar.ReferenceAggregator(
+        operator.add, flush_interval=None, max_pending=2
+    )
+    for i in range(5):
+        agg.add(i, 1)
+    with caplog.at_level(logging.WARNING, logger="aggregator_reference"):
+        try:
+            _exit.shut_down_all([agg], None)  # no bound: only the interrupt ends the wait
+        finally:
+            logging.getLogger("aggregator_reference").removeHandler(handler)
+    (ending,) = waited
+    assert ending.thread is not None
+    ending.thread.join(30)
+    assert not ending.thread.is_alive(), "shutdown() went on after exit stopped waiting for it"
+    assert "exit interrupted" in caplog.text
+    assert "2 record(s) pending in the output, 3 key(s) still buffered" in caplog.text
+    delivered: list[tuple[int, int]] = []
+    while not agg.closed:  # nothing was lost: a later shutdown() still delivers everything
+        delivered += agg.drain()
+        try:
+            agg.shutdown(timeout=0.05)
+        except TimeoutError:
+            pass
+    delivered += agg.drain()
+    assert sorted(delivered) == [(i, 1) for i in range(5)]
+
+
 def test_the_exit_hook_holds_aggregators_weakly() -> None:
     agg = ar.create(operator.add, backend="reference", flush_interval=None)
     assert agg in _exit.live()
