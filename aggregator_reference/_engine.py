@@ -328,13 +328,30 @@ class BufferedAggregator(Generic[K, V]):
         Raises:
             TimeoutError: ``timeout`` seconds passed first; nothing is lost,
                 ``add()`` stays refused, and a later ``shutdown()`` continues.
-            ReentrantMergeError: called from inside this aggregator's ``merge``.
+            ReentrantMergeError: called from inside this aggregator's ``merge``;
+                or from inside another's, and it could not finish within
+                ``kit.CALLBACK_WAIT`` (1) s (then as after ``TimeoutError``).
             ValueError: ``timeout`` is negative.
         """
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
         self._refuse_from_merge("shutdown()")
-        wait = _exit.Patience(self, timeout)
+        # From inside another aggregator's merge, what this waits for (a running flush, adds in
+        # flight) may be waiting for that merge: wait only so long (REENTRY-1).
+        inside = kit.callback_timeout()
+        cut_short = inside >= 0 and (timeout is None or timeout > inside)
+        try:
+            self._shut_down(_exit.Patience(self, inside if cut_short else timeout))
+        except TimeoutError:
+            if not cut_short:
+                raise
+            raise ReentrantMergeError(
+                f"shutdown() called from inside merge could not finish within {kit.CALLBACK_WAIT} s; "
+                "what it waits for may be waiting for this merge, so it stopped rather than risk a "
+                "deadlock; nothing was lost, call shutdown() again from outside merge"
+            ) from None
+
+    def _shut_down(self, wait: _exit.Patience) -> None:
         if self._closed:
             return
         self._shutting_down = True

@@ -20,7 +20,6 @@ __all__ = [
     "Unsettled",
     "acquire_all",
     "call_holding",
-    "callback_deadline",
     "callback_timeout",
     "count_visible",
     "finish_acquire",
@@ -83,18 +82,6 @@ def held_by_this_thread(lock: Any) -> bool:
     It walks the stack: for checks off the hot path.
     """
     return any(lock is h for h in _locks_held(sys._getframe(1)))
-
-
-def callback_deadline() -> float | None:
-    """When this thread runs user code holding a storage's lock, the time a wait must give up by.
-
-    ``time.monotonic() + CALLBACK_WAIT`` if a frame marked with
-    :func:`holds_locks` up this thread's stack holds a lock (the caller is a
-    ``merge``, maybe another aggregator's, whose lock others may be waiting
-    for), else ``None`` (wait as long as it takes). For storages whose waits do
-    not go through :func:`finish_acquire`. It walks the stack: off the hot path.
-    """
-    return time.monotonic() + CALLBACK_WAIT if _locks_held(sys._getframe(1)) else None
 
 
 def callback_timeout() -> float:

@@ -115,12 +115,11 @@ class FreeThreadedStorage(Generic[K, V]):
         ``kit.CALLBACK_WAIT`` for ``_shared`` and for the buffers it takes
         (``self._deadline``, guarded by ``_shared``), then is refused (REENTRY-1).
         """
-        deadline = kit.callback_deadline()
+        wait = kit.callback_timeout()
+        deadline = None if wait < 0 else time.monotonic() + wait
         shared = self._shared
-        if not shared.acquire(False):
-            wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-            if not shared.acquire(timeout=wait):
-                refuse_wait(call)
+        if not shared.acquire(False) and not shared.acquire(timeout=wait):
+            refuse_wait(call)
         outer, self._deadline = self._deadline, deadline if self._deadline is None else self._deadline
         try:
             yield
