@@ -47,6 +47,7 @@ DEFAULT_FILES = (
     "aggregator_reference/_output.py",
     "aggregator_reference/_reference.py",
     "backends/aggregator_freethreaded/__init__.py",
+    "backends/aggregator_freethreaded/_parts.py",
 )
 #: Copied into the scratch tree only if git cannot say which files belong to the checkout.
 NOT_COPIED = (
@@ -364,6 +365,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.run_suite:
         run_suite(args.run_suite, args.test_timeout, args.skip_stress)
+    args.out = args.out.resolve()  # before the run moves into the scratch tree
     files = [Path(f).as_posix() for f in args.files] or list(DEFAULT_FILES)
     for name in files:
         if not (ROOT / name).is_file():
