@@ -322,3 +322,81 @@ def test_merges_flushing_each_others_aggregator_while_flushes_run_never_deadlock
         delivered = [shutdown_collecting(agg, concat_str) for agg in aggs.values()]
     for got in delivered:
         assert sorted(got["k"]) == sorted("mainwcall")
+
+
+class _HoldIn(logging.Handler):
+    """Holds the thread named ``name`` inside its first log call until ``go`` is set."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name_held = name
+        self.inside = threading.Event()
+        self.go = threading.Event()
+
+    def handle(self, record: logging.LogRecord) -> bool:  # without the handler's lock: others log on
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if threading.current_thread().name == self.name_held and not self.inside.is_set():
+            self.inside.set()
+            self.go.wait(30)
+
+
+@pytest.mark.clause("FLUSH-6", "ADD-5", "FLUSH-2")
+def test_a_split_made_during_a_flush_comes_out_after_the_record_that_flush_requeues(
+    make: Factory,
+) -> None:
+    failing = {"on": False}
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if failing["on"]:
+            raise ValueError("cannot combine")
+        return stored + incoming
+
+    def add_refusable(pool: ThreadPoolExecutor, key: str, value: list[str]) -> None:
+        try:
+            pool.submit(agg.add, key, value).result(30)
+        except ValueError:
+            pass  # one record per key: add merged, and raised (ADD-4)
+
+    agg = make(merge, max_pending=1)
+    hold = _HoldIn("flusher-under-test")
+    ar_logger = logging.getLogger("aggregator_reference")
+    with ThreadPoolExecutor(1) as other:
+        agg.add("fill", ["f"])
+        agg.flush()  # the output is full from now on
+        agg.add("x", ["x1"])
+        failing["on"] = True
+        add_refusable(other, "x", ["x2"])
+        agg.snapshot()  # a backend with partials splits x here: x1 waits to go out first
+        failing["on"] = False
+        split = agg.stats().flush_errors > 0
+        agg.add("k", ["a"])  # this thread's oldest value of k
+        ar_logger.addHandler(hold)
+        try:
+            flusher = threading.Thread(target=agg.flush, name="flusher-under-test", daemon=True)
+            flusher.start()  # takes k:a out, delivers x1 past max_pending (logged), then re-queues k:a
+            if split:
+                assert hold.inside.wait(30), "the flush logged nothing about the split it delivers"
+                agg.add("k", ["b"])  # newer than a, from the same thread
+                add_refusable(other, "k", ["c"])
+                failing["on"] = True
+                agg.snapshot()  # splits k while the flush still holds k:a: b goes out on its own
+                failing["on"] = False
+            hold.go.set()
+            flusher.join(30)
+            assert not flusher.is_alive(), "the flush did not return"
+        finally:
+            ar_logger.removeHandler(hold)
+            hold.go.set()
+            failing["on"] = False
+        if not split:
+            agg.add("k", ["b"])
+    delivered = []
+    while agg.pending or len(agg):
+        delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+        agg.flush()
+    delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+    mine = [v for v in delivered if v in ("a", "b")]
+    assert mine == ["a", "b"], f"this thread added a then b; delivered in order {delivered}"
