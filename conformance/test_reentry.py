@@ -253,3 +253,75 @@ def test_merges_calling_each_others_keys_never_deadlock(make: Factory, call: str
         if entry != "refused" and entry[0] == "added":
             added[entry[1]] += 100
     assert shutdown_collecting(agg) == {0: 2 + added[0], 1: 2 + added[1]}
+
+
+class SlowKey:
+    """A key whose first ``__hash__`` in the thread named ``slow_in`` sleeps ``seconds``."""
+
+    def __init__(self, name: str, seconds: float, slow_in: str) -> None:
+        self.name, self.seconds, self.slow_in = name, seconds, slow_in
+        self.started = threading.Event()
+
+    def __hash__(self) -> int:
+        if threading.current_thread().name == self.slow_in and not self.started.is_set():
+            self.started.set()
+            time.sleep(self.seconds)
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SlowKey) and other.name == self.name
+
+    def __repr__(self) -> str:
+        return f"SlowKey({self.name!r})"
+
+
+@pytest.mark.clause("REENTRY-1", "CLOSE-5")
+@pytest.mark.parametrize("read", ["get", "snapshot", "flush"])
+def test_a_read_from_another_merge_that_gives_up_loses_no_add_in_flight(backend_name: str, read: str) -> None:
+    # A thread runs a slow merge, then at once adds a key whose hashing is slow; meanwhile
+    # another aggregator's merge reads this aggregator and may give up waiting for that
+    # thread (REENTRY-1). Whatever the read does, every add is kept.
+    slow_merge = threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if threading.current_thread().name == "slow-writer" and not slow_merge.is_set():
+            slow_merge.set()
+            time.sleep(0.4)
+        return stored + incoming
+
+    agg = ar.create(merge, backend=backend_name, flush_interval=None)
+    second = SlowKey("second", 2.0, "slow-writer")
+    outcome: list[str] = []
+
+    def reading_merge(stored: int, incoming: int) -> int:
+        try:
+            {"get": lambda: agg.get("other"), "snapshot": agg.snapshot, "flush": agg.flush}[read]()
+            outcome.append("worked")
+        except ar.ReentrantMergeError:
+            outcome.append("refused")
+        return stored + incoming
+
+    caller = ar.create(reading_merge, backend=backend_name, flush_interval=None)
+    try:
+        writer = threading.Thread(
+            target=lambda: (agg.add("first", 1), agg.add("first", 1), agg.add(second, 2)),
+            name="slow-writer",
+            daemon=True,
+        )
+        writer.start()
+        assert slow_merge.wait(10)
+        time.sleep(0.1)  # the read begins during the slow merge and is still waiting after it
+        call_bounded(
+            lambda: (caller.add("c", 1), caller.add("c", 1)), 30, "a read from another aggregator's merge"
+        )
+        writer.join(30)
+        assert not writer.is_alive(), "the slow adds did not return"
+        assert len(outcome) == 1
+    finally:
+        shutdown_collecting(caller)
+        got = shutdown_collecting(agg)
+    assert got == {"first": 2, second: 2}, f"delivered {got}; the read from merge {outcome}"
+
+
+def operator_add(stored: int, incoming: int) -> int:
+    return stored + incoming
