@@ -244,8 +244,8 @@ class FreeThreadedStorage(Generic[K, V]):
             kit.refuse_reentrant(call)
         return buffer
 
-    def _take(self, buffer: Buffer[K, V], me: Buffer[K, V]) -> tuple[dict[K, V], list[int]]:
-        """Take every record out of a buffer (with ``_shared`` and ``me.lock`` held).
+    def _take(self, buffer: Buffer[K, V], me: Buffer[K, V]) -> list[tuple[dict[K, V], list[int]]]:
+        """Take every record out of a buffer (with ``_shared`` and ``me.lock`` held), oldest first.
 
         Waits for an add in flight in that buffer, until ``self._deadline`` if set.
         """
@@ -262,10 +262,13 @@ class FreeThreadedStorage(Generic[K, V]):
                 buffer.lock.release()
         else:
             taken, buffer.state = buffer.state, ({}, [])
-            if not wait_until_idle(buffer, deadline):  # an add may still be writing into ``taken``
-                buffer.state = taken  # that add is stuck mid-way: nothing was added since
+            if not wait_until_idle(buffer, deadline):
+                # The add in flight may still write into ``taken``, and a later add may have
+                # begun on the new state: keep both, ``taken`` for a gather that sees it idle.
+                buffer.stranded.append(taken)
                 refuse_wait("a read or flush")
-        return taken
+        states, buffer.stranded = [*buffer.stranded, taken], []  # idle was seen: none is written now
+        return states
 
     def _log_split(self, key: object) -> None:
         self.merge_errors += 1
@@ -316,32 +319,33 @@ class FreeThreadedStorage(Generic[K, V]):
             extra: dict[K, list[tuple[int, int, K, V]]] = {}  # pieces of keys found twice
             buffers, (merges, stored) = self._accounts
             kept = []
-            unplaced: dict[K, V] = {}  # taken from a buffer, not yet in gathered nor extra
+            unplaced: list[tuple[dict[K, V], list[int]]] = []  # taken, not yet in gathered nor extra
             combining: list[list[tuple[int, int, K, V]]] = []  # pieces out of extra and gathered
             try:
                 for buffer in buffers:
                     # Asked before taking: a thread seen dead can add nothing after the take.
                     alive = buffer is me or buffer.owner.is_alive()
-                    unplaced, order = self._take(buffer, me)
+                    unplaced = self._take(buffer, me)
                     if alive:
                         kept.append(buffer)
                     else:
                         merges, stored = merges + buffer.merges, stored + buffer.stored
-                    if not gathered:
-                        gathered, adopted, unplaced = unplaced, order, {}  # nothing older: adopt it
-                        continue
-                    if firsts is None:
-                        firsts = first_stamps(gathered, adopted, home_keys)
-                    records, unplaced = unplaced, {}
-                    place(
-                        gathered,
-                        firsts,
-                        extra,
-                        records,
-                        order,
-                        orphans=self._orphans,
-                        on_error=self._log_split,
-                    )
+                    while unplaced:
+                        if not gathered:
+                            gathered, adopted = unplaced.pop(0)  # nothing older: adopt it
+                            continue
+                        if firsts is None:
+                            firsts = first_stamps(gathered, adopted, home_keys)
+                        records, order = unplaced.pop(0)
+                        place(
+                            gathered,
+                            firsts,
+                            extra,
+                            records,
+                            order,
+                            orphans=self._orphans,
+                            on_error=self._log_split,
+                        )
                 combining = list(extra.values())
                 for pieces in combining:  # each key's record joins its pieces, out of gathered
                     key = pieces[0][2]
@@ -355,7 +359,8 @@ class FreeThreadedStorage(Generic[K, V]):
                     except Exception:  # its hash failed now: a record of its own
                         self._orphans.append((first, record))
             except BaseException:
-                self._orphans.extend(unplaced.items())
+                for records, _ in unplaced:
+                    self._orphans.extend(records.items())
                 for pieces in combining or list(extra.values()):  # not combined: every piece, in order
                     pieces.sort(key=lambda piece: piece[:2])
                     self._orphans.extend((piece[2], piece[3]) for piece in pieces)
@@ -399,7 +404,8 @@ class FreeThreadedStorage(Generic[K, V]):
         with self._locked("len()"):
             keys: set[K] = set(self._home)
             for buffer in self._accounts[0]:
-                keys.update(list(buffer.state[0]))  # one call copies it: its owner may be adding
+                for records, _ in (*buffer.stranded, buffer.state):
+                    keys.update(list(records))  # one call copies it: an add may be writing
             for chunk in self._others():
                 keys.update(chunk)
             return len(keys)
@@ -432,7 +438,19 @@ class FreeThreadedStorage(Generic[K, V]):
             return failed
 
     def _requeue_home(self, leftover: list[tuple[K, V]]) -> kit.Unsettled[K, V]:
-        """Put ``leftover`` back at home, older first, remembering each record's key object."""
+        """Put ``leftover`` back at home, older first, remembering each record's key object.
+
+        A record whose key split while this flush held it (a read's gather put
+        newer halves among the orphans) goes ahead of those orphans instead:
+        older first (FLUSH-6).
+        """
+        if self._orphans:
+            try:
+                leftover = self._ahead_of_orphans(leftover)
+            except BaseException as exc:  # from a key's __eq__: deliver them all, run nothing more
+                stopped: kit.Unsettled[K, V] = kit.Unsettled(leftover)
+                stopped.interrupt = exc if not isinstance(exc, Exception) else None
+                return stopped
         home, keys = self._home, self._home_keys
         failed = kit.requeue_into(home, leftover, self._merge)
         unsettled = {id(key) for key, _ in failed}
@@ -440,6 +458,20 @@ class FreeThreadedStorage(Generic[K, V]):
             if id(key) not in unsettled:
                 keys[key] = key  # requeue_into stored the leftover's (older) key object
         return failed
+
+    def _ahead_of_orphans(self, leftover: list[tuple[K, V]]) -> list[tuple[K, V]]:
+        """Move the pairs of ``leftover`` whose key is among the orphans to their front; return the rest."""
+        orphans = self._orphans
+
+        def split_meanwhile(key: K) -> bool:
+            return any(orphan == key for orphan, _ in orphans)
+
+        ahead = [pair for pair in leftover if split_meanwhile(pair[0])]
+        if not ahead:
+            return leftover
+        orphans[:0] = ahead
+        moved = {id(pair) for pair in ahead}
+        return [pair for pair in leftover if id(pair) not in moved]
 
     def stop_adds(self) -> None:
         self._closed = True  # every add reads it while its buffer is busy or locked

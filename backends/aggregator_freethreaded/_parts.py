@@ -41,10 +41,14 @@ class Buffer(Generic[K, V]):
     each ``add``.
     """
 
-    __slots__ = ("busy", "lock", "merges", "owner", "state", "stored")
+    __slots__ = ("busy", "lock", "merges", "owner", "state", "stored", "stranded")
 
     def __init__(self, owner: threading.Thread) -> None:
         self.state: tuple[dict[K, V], list[int]] = ({}, [])
+        #: GIL builds: states taken out by a read or flush that then gave up waiting for the
+        #: add in flight (which may still write into them), older than ``state``; guarded by
+        #: the storage's ``_shared``, never touched by the owner.
+        self.stranded: list[tuple[dict[K, V], list[int]]] = []
         self.lock = threading.Lock()
         self.busy = False  # the owner is inside add(), or inside a merge run on its behalf
         self.merges = 0
