@@ -48,6 +48,7 @@ DEFAULT_FILES = (
     "aggregator_reference/_reference.py",
     "backends/aggregator_freethreaded/__init__.py",
     "backends/aggregator_freethreaded/_parts.py",
+    "backends/aggregator_freethreaded/_gathering.py",
 )
 #: Copied into the scratch tree only if git cannot say which files belong to the checkout.
 NOT_COPIED = (

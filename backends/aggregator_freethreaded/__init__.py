@@ -36,19 +36,18 @@ from aggregator_reference import kit
 
 __all__ = ["FREE_THREADED_BUILD", "FreeThreadedAggregator", "FreeThreadedStorage"]
 
+from ._gathering import Gathering, ahead_of_orphans
 from ._parts import (
     _FROM_HOME,
-    _HOME,
     FREE_THREADED_BUILD,
     Buffer,
     Pairs,
     _now,
-    combine,
-    first_stamps,
+    count_keys,
     logger,
-    place,
     refuse_wait,
-    wait_until_idle,
+    take,
+    wait_for_adds,
 )
 
 K = TypeVar("K", bound=Hashable)
@@ -244,32 +243,6 @@ class FreeThreadedStorage(Generic[K, V]):
             kit.refuse_reentrant(call)
         return buffer
 
-    def _take(self, buffer: Buffer[K, V], me: Buffer[K, V]) -> list[tuple[dict[K, V], list[int]]]:
-        """Take every record out of a buffer (with ``_shared`` and ``me.lock`` held), oldest first.
-
-        Waits for an add in flight in that buffer, until ``self._deadline`` if set.
-        """
-        deadline = self._deadline
-        if buffer is me:
-            taken, me.state = me.state, ({}, [])
-        elif FREE_THREADED_BUILD:
-            wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-            if not buffer.lock.acquire(timeout=wait):
-                refuse_wait("a read or flush")
-            try:
-                taken, buffer.state = buffer.state, ({}, [])
-            finally:
-                buffer.lock.release()
-        else:
-            taken, buffer.state = buffer.state, ({}, [])
-            if not wait_until_idle(buffer, deadline):
-                # The add in flight may still write into ``taken``, and a later add may have
-                # begun on the new state: keep both, ``taken`` for a gather that sees it idle.
-                buffer.stranded.append(taken)
-                refuse_wait("a read or flush")
-        states, buffer.stranded = [*buffer.stranded, taken], []  # idle was seen: none is written now
-        return states
-
     def _log_split(self, key: object) -> None:
         self.merge_errors += 1
         logger.error(
@@ -291,14 +264,11 @@ class FreeThreadedStorage(Generic[K, V]):
                 me.busy = False
 
     def _gather(self, me: Buffer[K, V], *, home: bool = False) -> dict[K, V]:
-        """Take every record out and combine each key's pieces; drop the buffers of exited threads.
+        """Take every record out and combine each key's pieces (:class:`Gathering` says in which order).
 
-        A key's pieces are combined in this order: home's record (re-queued or
-        read, older than any partial), the piece an add took from home, then
-        the partials in the order of their first add (ADD-5, KEY-1). Called with
-        ``_shared`` held. If it raises, what was gathered goes back home, pieces
-        not combined go to the orphans in order, and buffers not reached keep
-        theirs: nothing is lost.
+        Drops the buffers of exited threads. Called with ``_shared`` held. If
+        it raises, what was gathered goes back home, pieces not combined go to
+        the orphans in order, and buffers not reached keep theirs: nothing is lost.
         """
 
         def gather() -> dict[K, V]:
@@ -312,59 +282,23 @@ class FreeThreadedStorage(Generic[K, V]):
                 self._gathers += 1
 
         def gathered_all() -> dict[K, V]:
-            gathered, home_keys = self._home, self._home_keys
+            gathering = Gathering(self._home, self._home_keys, self._orphans, self._log_split)
             self._home, self._home_keys, self._taken_home = {}, {}, set()
-            firsts: dict[K, tuple[int, K]] | None = None  # stamp and key object of each gathered record
-            adopted: list[int] | None = None  # the stamps of a buffer's dict adopted whole
-            extra: dict[K, list[tuple[int, int, K, V]]] = {}  # pieces of keys found twice
             buffers, (merges, stored) = self._accounts
             kept = []
-            unplaced: list[tuple[dict[K, V], list[int]]] = []  # taken, not yet in gathered nor extra
-            combining: list[list[tuple[int, int, K, V]]] = []  # pieces out of extra and gathered
             try:
                 for buffer in buffers:
                     # Asked before taking: a thread seen dead can add nothing after the take.
                     alive = buffer is me or buffer.owner.is_alive()
-                    unplaced = self._take(buffer, me)
+                    states = take(buffer, me, self._deadline)
                     if alive:
                         kept.append(buffer)
                     else:
                         merges, stored = merges + buffer.merges, stored + buffer.stored
-                    while unplaced:
-                        if not gathered:
-                            gathered, adopted = unplaced.pop(0)  # nothing older: adopt it
-                            continue
-                        if firsts is None:
-                            firsts = first_stamps(gathered, adopted, home_keys)
-                        records, order = unplaced.pop(0)
-                        place(
-                            gathered,
-                            firsts,
-                            extra,
-                            records,
-                            order,
-                            orphans=self._orphans,
-                            on_error=self._log_split,
-                        )
-                combining = list(extra.values())
-                for pieces in combining:  # each key's record joins its pieces, out of gathered
-                    key = pieces[0][2]
-                    stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
-                    pieces.append((stamp, -1, first, gathered.pop(key)))
-                extra.clear()
-                while combining:  # combine() orphans its own pieces if interrupted
-                    first, record = combine(combining.pop(), self._merge, self._orphans, self._log_split)
-                    try:
-                        gathered[first] = record
-                    except Exception:  # its hash failed now: a record of its own
-                        self._orphans.append((first, record))
+                    gathering.take(states)
+                gathered = gathering.combined(self._merge)
             except BaseException:
-                for records, _ in unplaced:
-                    self._orphans.extend(records.items())
-                for pieces in combining or list(extra.values()):  # not combined: every piece, in order
-                    pieces.sort(key=lambda piece: piece[:2])
-                    self._orphans.extend((piece[2], piece[3]) for piece in pieces)
-                self._home_at(gathered)
+                self._home_at(gathering.abandon())
                 raise
             self._accounts = (tuple(kept), (merges, stored))
             return gathered
@@ -402,13 +336,7 @@ class FreeThreadedStorage(Generic[K, V]):
         """Counts the keys without merging anything (the engine's finalizer calls it too)."""
         self._own("len()")
         with self._locked("len()"):
-            keys: set[K] = set(self._home)
-            for buffer in self._accounts[0]:
-                for records, _ in (*buffer.stranded, buffer.state):
-                    keys.update(list(records))  # one call copies it: an add may be writing
-            for chunk in self._others():
-                keys.update(chunk)
-            return len(keys)
+            return count_keys(self._home, self._accounts[0], self._others())
 
     # -- flushing ------------------------------------------------------------------
 
@@ -446,7 +374,7 @@ class FreeThreadedStorage(Generic[K, V]):
         """
         if self._orphans:
             try:
-                leftover = self._ahead_of_orphans(leftover)
+                leftover = ahead_of_orphans(leftover, self._orphans)
             except BaseException as exc:  # from a key's __eq__: deliver them all, run nothing more
                 stopped: kit.Unsettled[K, V] = kit.Unsettled(leftover)
                 stopped.interrupt = exc if not isinstance(exc, Exception) else None
@@ -459,20 +387,6 @@ class FreeThreadedStorage(Generic[K, V]):
                 keys[key] = key  # requeue_into stored the leftover's (older) key object
         return failed
 
-    def _ahead_of_orphans(self, leftover: list[tuple[K, V]]) -> list[tuple[K, V]]:
-        """Move the pairs of ``leftover`` whose key is among the orphans to their front; return the rest."""
-        orphans = self._orphans
-
-        def split_meanwhile(key: K) -> bool:
-            return any(orphan == key for orphan, _ in orphans)
-
-        ahead = [pair for pair in leftover if split_meanwhile(pair[0])]
-        if not ahead:
-            return leftover
-        orphans[:0] = ahead
-        moved = {id(pair) for pair in ahead}
-        return [pair for pair in leftover if id(pair) not in moved]
-
     def stop_adds(self) -> None:
         self._closed = True  # every add reads it while its buffer is busy or locked
 
@@ -480,12 +394,7 @@ class FreeThreadedStorage(Generic[K, V]):
         self._own("shutdown()")
         with self._locked("shutdown()"):
             self._closed = True
-            for buffer in self._accounts[0]:  # wait for every add in flight
-                if FREE_THREADED_BUILD:
-                    with buffer.lock:
-                        pass
-                else:
-                    wait_until_idle(buffer, None)
+            wait_for_adds(self._accounts[0])
 
     def counts(self) -> tuple[int, int]:
         buffers, (merges, stored) = self._accounts

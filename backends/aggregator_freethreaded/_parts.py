@@ -6,7 +6,7 @@ import logging
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NoReturn, TypeVar, final
 
 import aggregator_reference as ar
@@ -19,6 +19,9 @@ V = TypeVar("V")
 FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 logger = logging.getLogger("aggregator_reference")
+
+#: A buffer's records and the stamp of the add that stored each, in insertion order.
+State = tuple[dict[K, V], list[int]]
 
 _now = time.perf_counter_ns
 #: The stamp of a partial taken from home: older than any other partial of its key.
@@ -171,3 +174,53 @@ def place(
         except BaseException:
             orphans.extend(pairs[index:])
             raise
+
+
+def take(
+    buffer: Buffer[K, V], me: Buffer[K, V], deadline: float | None
+) -> list[tuple[dict[K, V], list[int]]]:
+    """Take every record out of ``buffer``, oldest state first (the storage's ``_shared`` held).
+
+    ``me`` is the caller's own buffer, locked and busy. Waits for an add in
+    flight in ``buffer``, until ``deadline`` if set, then refuses.
+    """
+    if buffer is me:
+        taken, me.state = me.state, ({}, [])
+    elif FREE_THREADED_BUILD:
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not buffer.lock.acquire(timeout=wait):
+            refuse_wait("a read or flush")
+        try:
+            taken, buffer.state = buffer.state, ({}, [])
+        finally:
+            buffer.lock.release()
+    else:
+        taken, buffer.state = buffer.state, ({}, [])
+        if not wait_until_idle(buffer, deadline):
+            # The add in flight may still write into ``taken``, and a later add may have
+            # begun on the new state: keep both, ``taken`` for a gather that sees it idle.
+            buffer.stranded.append(taken)
+            refuse_wait("a read or flush")
+    states, buffer.stranded = [*buffer.stranded, taken], []  # idle was seen: none is written now
+    return states
+
+
+def wait_for_adds(buffers: Iterable[Buffer[Any, Any]]) -> None:
+    """Wait for every add in flight in ``buffers`` to return."""
+    for buffer in buffers:
+        if FREE_THREADED_BUILD:
+            with buffer.lock:
+                pass
+        else:
+            wait_until_idle(buffer, None)
+
+
+def count_keys(home: Mapping[K, V], buffers: Iterable[Buffer[K, V]], others: Iterable[Mapping[K, V]]) -> int:
+    """The number of distinct keys, without merging anything (the storage's ``_shared`` held)."""
+    keys: set[K] = set(home)
+    for buffer in buffers:
+        for records, _ in (*buffer.stranded, buffer.state):
+            keys.update(list(records))  # one call copies it: an add may be writing
+    for chunk in others:
+        keys.update(chunk)
+    return len(keys)
