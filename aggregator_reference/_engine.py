@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from . import _exit
 from . import _kit as kit
+from ._arguments import check_arguments
 from ._errors import AggregatorClosedError, ReentrantMergeError
 from ._output import Output
 from ._types import Merge, Stats, Storage
@@ -26,31 +27,6 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 logger = logging.getLogger("aggregator_reference")
-
-
-def _check_arguments(merge: object, flush_interval: object, max_pending: object, shards: object) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the first bad constructor argument."""
-    if not callable(merge):
-        raise TypeError(f"merge must be callable, got {type(merge).__name__}")
-    if flush_interval is not None:
-        if isinstance(flush_interval, bool) or not isinstance(flush_interval, (int, float)):
-            raise TypeError(
-                f"flush_interval must be a number of seconds or None, got {type(flush_interval).__name__}"
-            )
-        if not (0 < flush_interval <= threading.TIMEOUT_MAX):
-            raise ValueError(
-                f"flush_interval must be > 0 seconds and at most threading.TIMEOUT_MAX "
-                f"({threading.TIMEOUT_MAX:g}), got {flush_interval!r}"
-            )
-    if isinstance(max_pending, bool) or not isinstance(max_pending, int):
-        raise TypeError(f"max_pending must be an int, got {type(max_pending).__name__}")
-    if max_pending < 1:
-        raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-    if shards is not None:
-        if isinstance(shards, bool) or not isinstance(shards, int):
-            raise TypeError(f"shards must be an int or None, got {type(shards).__name__}")
-        if shards < 1 or shards & (shards - 1):
-            raise ValueError(f"shards must be a positive power of two, got {shards}")
 
 
 def _run_flusher(
@@ -100,7 +76,7 @@ class BufferedAggregator(Generic[K, V]):
             TypeError: an argument has the wrong type (the message names it).
             ValueError: an argument is out of range (the message names it).
         """
-        _check_arguments(merge, flush_interval, max_pending, shards)
+        check_arguments(merge, flush_interval, max_pending, shards)
         self._closed = False
         self._storage: Storage[K, V] = type(self).storage_class(merge, shards)
         self.add = self._storage.add

@@ -43,7 +43,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_FILES = (
+    "aggregator_reference/_arguments.py",
     "aggregator_reference/_engine.py",
+    "aggregator_reference/_exit.py",
     "aggregator_reference/_output.py",
     "aggregator_reference/_reference.py",
     "backends/aggregator_freethreaded/__init__.py",

@@ -1,0 +1,32 @@
+"""The checks of the engine's constructor arguments (ARG-1)."""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["check_arguments"]
+
+
+def check_arguments(merge: object, flush_interval: object, max_pending: object, shards: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad constructor argument."""
+    if not callable(merge):
+        raise TypeError(f"merge must be callable, got {type(merge).__name__}")
+    if flush_interval is not None:
+        if isinstance(flush_interval, bool) or not isinstance(flush_interval, (int, float)):
+            raise TypeError(
+                f"flush_interval must be a number of seconds or None, got {type(flush_interval).__name__}"
+            )
+        if not (0 < flush_interval <= threading.TIMEOUT_MAX):
+            raise ValueError(
+                f"flush_interval must be > 0 seconds and at most threading.TIMEOUT_MAX "
+                f"({threading.TIMEOUT_MAX:g}), got {flush_interval!r}"
+            )
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int):
+        raise TypeError(f"max_pending must be an int, got {type(max_pending).__name__}")
+    if max_pending < 1:
+        raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+    if shards is not None:
+        if isinstance(shards, bool) or not isinstance(shards, int):
+            raise TypeError(f"shards must be an int or None, got {type(shards).__name__}")
+        if shards < 1 or shards & (shards - 1):
+            raise ValueError(f"shards must be a positive power of two, got {shards}")
