@@ -148,6 +148,55 @@ class FlushSuite:
     track_flush_over_queue_put.unit = "ratio"  # type: ignore[attr-defined]
 
 
+class FlushUnderWritersSuite:
+    """How long a flush() takes while writer threads keep adding: its median over 20 flushes, in ms.
+
+    A flush must take every writer's records; on a backend with per-thread
+    buffers it waits for each add in flight, so a writer descheduled mid-add
+    (more writers than cores) delays it.
+    """
+
+    params = [ar.backend_names(), [1, 2, 8]]
+    param_names = ["backend", "writers"]
+    number = 1
+    repeat = 1
+    warmup_time = 0.0
+    timeout = 120.0
+
+    def track_flush_ms_while_adding(self, backend: str, writers: int) -> float:
+        import statistics
+        import time
+
+        aggregator: Any = ar.create(_bench.int_sum, backend=backend, flush_interval=None, max_pending=1 << 30)
+        stop = threading.Event()
+
+        def write() -> None:
+            key = 0
+            while not stop.is_set():
+                aggregator.add(key % 100, 1)
+                key += 1
+
+        threads = [threading.Thread(target=write, daemon=True) for _ in range(writers)]
+        for thread in threads:
+            thread.start()
+        took = []
+        try:
+            for _ in range(20):
+                started = time.perf_counter()
+                aggregator.flush()
+                took.append((time.perf_counter() - started) * 1e3)
+                aggregator.drain()
+                time.sleep(0.005)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+            aggregator.shutdown()
+        return statistics.median(took)
+
+    track_flush_ms_while_adding.unit = "ms"  # type: ignore[attr-defined]
+
+
 class QueueBaseline:
     """The by-hand alternative to a flush: 100,000 ``queue.Queue.put`` calls."""
 

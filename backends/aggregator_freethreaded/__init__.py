@@ -287,15 +287,21 @@ class FreeThreadedStorage(Generic[K, V]):
             buffers, (merges, stored) = self._accounts
             kept = []
             try:
-                for buffer in buffers:
-                    # Asked before taking: a thread seen dead can add nothing after the take.
-                    alive = buffer is me or buffer.owner.is_alive()
-                    states = take(buffer, me, self._deadline)
-                    if alive:
-                        kept.append(buffer)
-                    else:
-                        merges, stored = merges + buffer.merges, stored + buffer.stored
-                    gathering.take(states)
+                # Buffers with no add in flight first, then wait for the others: a writer
+                # descheduled mid-add delays the flush once, not once per such buffer.
+                for block, group in ((False, buffers), (True, later := [])):
+                    for buffer in group:
+                        # Asked before taking: a thread seen dead can add nothing after the take.
+                        alive = buffer is me or buffer.owner.is_alive()
+                        states = take(buffer, me, self._deadline, block=block)
+                        if states is None:
+                            later.append(buffer)
+                            continue
+                        if alive:
+                            kept.append(buffer)
+                        else:
+                            merges, stored = merges + buffer.merges, stored + buffer.stored
+                        gathering.take(states)
                 gathered = gathering.combined(self._merge)
             except BaseException:
                 self._home_at(gathering.abandon())

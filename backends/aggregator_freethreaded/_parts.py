@@ -177,24 +177,30 @@ def place(
 
 
 def take(
-    buffer: Buffer[K, V], me: Buffer[K, V], deadline: float | None
-) -> list[tuple[dict[K, V], list[int]]]:
+    buffer: Buffer[K, V], me: Buffer[K, V], deadline: float | None, *, block: bool = True
+) -> list[State[K, V]] | None:
     """Take every record out of ``buffer``, oldest state first (the storage's ``_shared`` held).
 
     ``me`` is the caller's own buffer, locked and busy. Waits for an add in
-    flight in ``buffer``, until ``deadline`` if set, then refuses.
+    flight in ``buffer``, until ``deadline`` if set, then refuses; with
+    ``block=False``, returns ``None`` at once instead when an add is in flight.
     """
     if buffer is me:
         taken, me.state = me.state, ({}, [])
     elif FREE_THREADED_BUILD:
-        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-        if not buffer.lock.acquire(timeout=wait):
-            refuse_wait("a read or flush")
+        if not buffer.lock.acquire(False):
+            if not block:
+                return None
+            wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+            if not buffer.lock.acquire(timeout=wait):
+                refuse_wait("a read or flush")
         try:
             taken, buffer.state = buffer.state, ({}, [])
         finally:
             buffer.lock.release()
     else:
+        if buffer.busy and not block:
+            return None
         taken, buffer.state = buffer.state, ({}, [])
         if not wait_until_idle(buffer, deadline):
             # The add in flight may still write into ``taken``, and a later add may have
