@@ -28,6 +28,9 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"shards": 0}, ValueError, "shards"),
     ({"shards": 3}, ValueError, "shards"),
     ({"shards": -4}, ValueError, "shards"),
+    ({"shards": 5}, ValueError, "shards"),
+    ({"shards": 9}, ValueError, "shards"),
+    ({"shards": 12}, ValueError, "shards"),
     ({"shards": 2.0}, TypeError, "shards"),
 ]
 
@@ -85,6 +88,16 @@ def test_backend_is_registered_and_loadable(backend_name: str) -> None:
         assert agg.add("a", 1) is False
     finally:
         agg.shutdown()
+
+
+@pytest.mark.clause("REG-1")
+@pytest.mark.parametrize("positional", [(None,), (None, 4), (None, 4, None)])
+def test_backend_class_takes_its_options_by_keyword_only(
+    backend_name: str, positional: tuple[object, ...]
+) -> None:
+    cls = ar.load_backend(backend_name)
+    with pytest.raises(TypeError):
+        cls(operator.add, *positional)
 
 
 @pytest.mark.clause("REG-1")
