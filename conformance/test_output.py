@@ -5,10 +5,50 @@ from __future__ import annotations
 import operator
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from .conftest import Factory, run_threads
+
+
+class BadHashKey:
+    """A key whose ``__hash__`` raises while :attr:`raising` is set: a flush cannot re-queue it."""
+
+    raising = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        if BadHashKey.raising:
+            raise RuntimeError(f"hash of {self.name} failed")
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BadHashKey) and other.name == self.name
+
+    def __repr__(self) -> str:
+        return f"BadHashKey({self.name!r})"
+
+
+@pytest.fixture
+def overflowing(make: Factory) -> Iterator[Any]:
+    """An aggregator (``max_pending=1``) whose output holds 4 records: 3 delivered past it (FLUSH-5)."""
+    agg = make(max_pending=1)
+    agg.add("blocker", 1)
+    assert agg.flush() == 1  # the output is full: the next flush re-queues everything
+    for i in range(3):
+        agg.add(BadHashKey(f"bad{i}"), 1)
+    BadHashKey.raising = True
+    try:
+        agg.flush()
+    finally:
+        BadHashKey.raising = False
+    assert agg.pending == 4
+    yield agg
+    BadHashKey.raising = False
 
 
 @pytest.mark.clause("OUT-1")
@@ -106,3 +146,60 @@ def test_pending_counts_records_in_the_output(make: Factory) -> None:
     assert agg.pending == 3
     agg.drain(1)
     assert agg.pending == 2
+
+
+@pytest.mark.clause("OUT-1", "FLUSH-2")
+def test_a_flush_into_a_partly_full_output_hands_off_only_what_fits(make: Factory) -> None:
+    agg = make(operator.add, max_pending=2)
+    agg.add("first", 1)
+    assert agg.flush() == 1
+    for key in ("a", "b", "c"):
+        agg.add(key, 1)
+    assert agg.flush() == 1  # one place was left
+    assert agg.pending == 2
+    assert len(agg) == 2
+    assert agg.stats().requeued == 2
+
+
+@pytest.mark.clause("FLUSH-5", "FLUSH-2", "STAT-1")
+def test_records_delivered_past_max_pending_are_not_counted_as_requeued(make: Factory) -> None:
+    agg = make(operator.add, max_pending=1)
+    agg.add("blocker", 1)
+    assert agg.flush() == 1  # the output is full: the next flush re-queues everything
+    for i in range(3):
+        agg.add(BadHashKey(f"bad{i}"), 1)
+    for i in range(2):
+        agg.add(f"good{i}", 1)
+    BadHashKey.raising = True
+    try:
+        agg.flush()
+    finally:
+        BadHashKey.raising = False
+    stats = agg.stats()
+    assert stats.overflowed == 3  # delivered past max_pending
+    assert stats.requeued == 2  # only the two that went back into the buffer
+    assert stats.flushed == 4
+    assert agg.pending == 4
+    assert sorted(agg.snapshot()) == ["good0", "good1"]
+
+
+@pytest.mark.clause("OUT-1", "FLUSH-5")
+def test_a_flush_into_an_output_past_max_pending_hands_off_nothing(overflowing: Any) -> None:
+    for i in range(5):
+        overflowing.add(f"new{i}", 1)
+    assert overflowing.flush() == 0
+    assert overflowing.pending == 4
+    assert len(overflowing) == 5
+    assert overflowing.stats().requeued == 5
+
+
+@pytest.mark.clause("CLOSE-1", "CLOSE-4")
+def test_shutdown_waits_without_spinning_on_an_output_past_max_pending(overflowing: Any) -> None:
+    overflowing.add("late", 1)
+    before = overflowing.stats().flushes
+    with pytest.raises(TimeoutError):
+        overflowing.shutdown(timeout=0.3)
+    # Each flush finds no room and waits for a consumer; one that does not wait flushes in a loop.
+    assert overflowing.stats().flushes - before < 50
+    assert overflowing.pending == 4
+    assert len(overflowing) == 1
