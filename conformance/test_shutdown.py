@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import gc
 import operator
+import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,6 +18,7 @@ import pytest
 
 import aggregator_reference as ar
 
+from ._waits import call_bounded
 from .conftest import Factory, fold_records, run_threads, shutdown_collecting
 
 
@@ -231,3 +236,132 @@ def test_the_resource_warning_runs_no_merge(backend_name: str) -> None:
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
     assert len(calls) == before, "merge ran while the aggregator was being finalized"
+
+
+@pytest.mark.clause("CLOSE-4")
+def test_shutdown_with_zero_timeout_is_allowed(make: Factory) -> None:
+    agg = make(operator.add)
+    for i in range(3):
+        agg.add(i, 1)
+
+    def until_closed() -> int:
+        calls = 0
+        while not agg.closed:  # everything fits: each call gets as far as it can without waiting
+            calls += 1
+            try:
+                agg.shutdown(timeout=0)
+            except TimeoutError:
+                assert calls < 10_000, "shutdown(timeout=0) never completed"
+        return calls
+
+    call_bounded(until_closed, 30, "shutdown(timeout=0) until closed")
+    assert sorted(agg.drain()) == [(i, 1) for i in range(3)]
+
+
+@pytest.mark.clause("CLOSE-4")
+def test_shutdown_with_zero_timeout_times_out_when_the_output_is_full(make: Factory) -> None:
+    agg = make(operator.add, max_pending=1)
+    for i in range(3):
+        agg.add(i, 1)
+    with pytest.raises(TimeoutError):
+        call_bounded(lambda: agg.shutdown(timeout=0), 30, "shutdown(timeout=0)")
+    assert not agg.closed
+    assert shutdown_collecting(agg) == dict.fromkeys(range(3), 1)
+
+
+@pytest.mark.clause("CLOSE-1", "CLOSE-4")
+def test_shutdown_waits_without_spinning_with_max_pending_above_256(make: Factory) -> None:
+    agg = make(operator.add, max_pending=300)  # not one of the small ints CPython caches
+    for i in range(301):
+        agg.add(i, 1)
+    with pytest.raises(TimeoutError):
+        call_bounded(lambda: agg.shutdown(timeout=0.3), 30, "shutdown(timeout=0.3)")
+    # Each flush finds no room and waits for a consumer; one that does not wait flushes in a loop.
+    assert agg.stats().flushes < 50
+    assert agg.pending == 300
+    assert shutdown_collecting(agg) == dict.fromkeys(range(301), 1)
+
+
+def warns_when_dropped(backend_name: str, fill: Callable[[Any], object]) -> bool:
+    """Create an aggregator, ``fill(it)``, drop it unshut; whether that emitted a ``ResourceWarning``."""
+    gc.collect()  # earlier tests' garbage warns now, not below
+    agg: Any = ar.create(operator.add, backend=backend_name, flush_interval=None)
+    fill(agg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del agg
+        gc.collect()
+    return any(issubclass(w.category, ResourceWarning) for w in caught)
+
+
+@pytest.mark.clause("LIFE-1")
+def test_dropping_an_unshut_aggregator_with_records_only_pending_warns(backend_name: str) -> None:
+    def fill(agg: Any) -> None:
+        agg.add("a", 1)
+        agg.add("b", 1)
+        assert agg.flush() == 2
+        assert len(agg) == 0
+
+    assert warns_when_dropped(backend_name, fill)
+
+
+@pytest.mark.clause("LIFE-1")
+def test_dropping_an_unshut_aggregator_with_records_buffered_and_pending_warns(backend_name: str) -> None:
+    def fill(agg: Any) -> None:
+        agg.add("pending", 1)
+        assert agg.flush() == 1
+        agg.add("buffered", 1)
+
+    assert warns_when_dropped(backend_name, fill)
+
+
+FLUSHER_STUCK = """
+import sys, threading, time
+import aggregator_reference as ar
+
+stuck = threading.Event()
+
+class Key:
+    armed = False
+
+    def __hash__(self):
+        if Key.armed and threading.current_thread() is not threading.main_thread():
+            stuck.set()
+            threading.Event().wait()  # a periodic flush re-queues the key: never returns
+        return 1
+
+    def __eq__(self, other):
+        return isinstance(other, Key)
+
+agg = ar.create(lambda a, b: a + b, backend=sys.argv[1], flush_interval=0.005, max_pending=1)
+agg.add("filler", 1)
+deadline = time.monotonic() + 30
+while agg.pending == 0 and time.monotonic() < deadline:
+    time.sleep(0.001)
+agg.add(Key(), 1)
+Key.armed = True
+assert stuck.wait(30), "no periodic flush re-queued the key"
+ar.set_exit_timeout(0.2)
+print("script ended", flush=True)
+"""
+
+
+@pytest.mark.clause("LIFE-1", "LIFE-2")
+def test_a_flusher_stuck_in_user_code_does_not_keep_the_process_alive(backend_name: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("PYTHONWARNINGS", None)
+    command = [sys.executable, "-c", FLUSHER_STUCK, backend_name]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            stdout, stderr = child.communicate()
+            raise AssertionError(
+                f"the script did not exit: the stuck flusher thread keeps it alive\n"
+                f"stdout:\n{stdout}\nstderr:\n{stderr}"
+            ) from None
+    assert child.returncode == 0, stderr
+    assert stdout == "script ended\n"
