@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
+import threading
+import time
 from typing import Any
 
 import pytest
 
 import aggregator_reference as ar
 
-from .conftest import Factory
+from .conftest import Factory, shutdown_collecting
 
 BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"merge": 42}, TypeError, "merge"),
@@ -137,3 +140,98 @@ def test_default_backend_follows_the_gil(monkeypatch: pytest.MonkeyPatch) -> Non
         assert type(agg) is ar.load_backend(name)
     finally:
         agg.shutdown()
+
+
+class StallingKey:
+    """A key whose ``__hash__`` blocks in thread :attr:`block_in` until ``release`` is set."""
+
+    block_in: threading.Thread | None = None
+
+    def __init__(self, name: str, entered: threading.Event, release: threading.Event) -> None:
+        self.name, self.entered, self.release = name, entered, release
+
+    def __hash__(self) -> int:
+        if StallingKey.block_in is threading.current_thread():
+            self.entered.set()
+            self.release.wait(30)
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StallingKey) and other.name == self.name
+
+
+@pytest.mark.clause("STAT-1", "FLUSH-4")
+def test_ticks_skipped_counts_each_skipped_tick_once(make: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="aggregator_reference")
+    entered, release = threading.Event(), threading.Event()
+    agg = make(operator.add, flush_interval=0.002, max_pending=1)
+    agg.add(StallingKey("first", entered, release), 1)
+    agg.add(StallingKey("second", entered, release), 1)
+    # One record reaches the output, which is then full; the other is re-queued, its key hashed.
+    stalled = threading.Thread(target=agg.flush, daemon=True)
+    StallingKey.block_in = stalled
+    try:
+        stalled.start()
+        assert entered.wait(10), "the manual flush never re-queued the key"
+        deadline = time.monotonic() + 10
+        while agg.stats().ticks_skipped < 3:
+            assert time.monotonic() < deadline, "no periodic tick was skipped"
+            time.sleep(0.002)
+    finally:
+        release.set()
+        StallingKey.block_in = None
+    stalled.join(10)
+    assert not stalled.is_alive(), "a thread of the test did not finish: deadlock?"
+    shutdown_collecting(agg)  # stops the flusher: no tick runs after this
+    logged = [
+        r
+        for r in caplog.records
+        if r.name == "aggregator_reference" and r.levelno == logging.DEBUG and "skipped" in r.getMessage()
+    ]
+    assert agg.stats().ticks_skipped == len(logged)
+
+
+class Interrupt(BaseException):
+    """Stands for ``KeyboardInterrupt``: a ``BaseException`` that is not an ``Exception``."""
+
+
+class InterruptingKey:
+    """A key whose ``__hash__`` raises :class:`Interrupt` once, in a thread other than the main one."""
+
+    armed = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        if InterruptingKey.armed and threading.current_thread() is not threading.main_thread():
+            InterruptingKey.armed = False
+            raise Interrupt(f"hash of {self.name}")
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InterruptingKey) and other.name == self.name
+
+
+@pytest.mark.clause("STAT-1", "FLUSH-5")
+def test_flush_errors_counts_each_error_a_flush_logged(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    agg = make(operator.add, flush_interval=0.002, max_pending=1)
+    agg.add("filler", 1)
+    deadline = time.monotonic() + 10
+    while agg.pending == 0:
+        assert time.monotonic() < deadline, "the periodic flusher never ran"
+        time.sleep(0.001)
+    agg.add(InterruptingKey("interrupted"), 10)
+    InterruptingKey.armed = True  # the next tick re-queues the key; its hash raises there
+    try:
+        while InterruptingKey.armed:
+            assert time.monotonic() < deadline, "no tick hashed the key"
+            time.sleep(0.001)
+    finally:
+        InterruptingKey.armed = False
+    shutdown_collecting(agg)  # stops the flusher: no tick runs after this
+    errors = [r for r in caplog.records if r.name == "aggregator_reference" and r.levelno >= logging.ERROR]
+    assert errors, "the failed flush logged no error"
+    assert agg.stats().flush_errors == len(errors)

@@ -365,3 +365,13 @@ def test_a_flusher_stuck_in_user_code_does_not_keep_the_process_alive(backend_na
             ) from None
     assert child.returncode == 0, stderr
     assert stdout == "script ended\n"
+
+
+@pytest.mark.clause("LIFE-1")
+def test_dropping_an_unshut_aggregator_with_everything_delivered_is_silent(backend_name: str) -> None:
+    def fill(agg: Any) -> None:
+        agg.add("a", 1)
+        assert agg.flush() == 1
+        assert agg.drain() == [("a", 1)]
+
+    assert not warns_when_dropped(backend_name, fill)
