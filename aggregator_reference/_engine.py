@@ -10,13 +10,14 @@ import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from types import TracebackType
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar
 
 from . import _exit
 from . import _kit as kit
 from ._arguments import check_arguments
+from ._consume import Consuming
 from ._errors import AggregatorClosedError, ReentrantMergeError
 from ._output import Output
 from ._types import Merge, Stats, Storage
@@ -41,7 +42,7 @@ def _run_flusher(
         del aggregator
 
 
-class BufferedAggregator(Generic[K, V]):
+class BufferedAggregator(Consuming[K, V], Generic[K, V]):
     """The engine: an :class:`~aggregator_reference.Aggregator` over a backend's :class:`Storage`.
 
     A backend subclasses it and sets :attr:`storage_class`; nothing else::
@@ -216,32 +217,6 @@ class BufferedAggregator(Generic[K, V]):
         self._overflowed += len(failed)  # last: a reader that sees it sees the log line too
 
     # -- consuming ------------------------------------------------------------
-
-    def records(self) -> Iterator[tuple[K, V]]:
-        """Yield flushed records as they arrive; end once shut down and drained.
-
-        Blocks while the output is empty. Several consumers may iterate at
-        once; each record goes to exactly one of them.
-        """
-        output = self._output
-        while True:
-            ok, item = output.get()
-            if not ok:
-                return
-            yield cast("tuple[K, V]", item)
-
-    def drain(self, limit: int | None = None) -> list[tuple[K, V]]:
-        """Take up to ``limit`` records (all when ``None``) from the output now, without blocking.
-
-        Raises:
-            TypeError, ValueError: ``limit`` is not ``None`` or an int >= 0.
-        """
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, int):
-                raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
-            if limit < 0:
-                raise ValueError(f"limit must be >= 0, got {limit}")
-        return self._output.take(limit)
 
     @property
     def pending(self) -> int:

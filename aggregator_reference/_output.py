@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -13,11 +14,20 @@ __all__ = ["Output"]
 T = TypeVar("T")
 
 
+def _ready(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Output(Generic[T]):
     """A bounded FIFO that many consumers take from and one flush at a time puts into.
 
     Unlike :class:`queue.Queue` it never blocks a producer: :meth:`offer` puts
     what fits and says how many, so the caller can re-queue the rest.
+
+    Consumers in threads wait on a condition; consumers in event loops
+    register a future (:meth:`waiter`) that an arrival or :meth:`close`
+    resolves through ``loop.call_soon_threadsafe``: nothing polls.
 
     Thread safety: every method may be called from any thread. All state is
     guarded by ``_mutex``; no user code runs while it is held.
@@ -26,8 +36,12 @@ class Output(Generic[T]):
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: deque[T] = deque()
+        # When the items arrived, oldest first: [monotonic time, how many of the items are left].
+        self._arrivals: deque[list[float]] = deque()
         self._closed = False
-        # Guards _items and _closed.
+        # Futures of event-loop consumers waiting for items, each with its loop.
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        # Guards everything above.
         self._mutex = threading.Lock()
         # Notified when items arrive or the output closes (consumers wait on it).
         self._not_empty = threading.Condition(self._mutex)
@@ -45,25 +59,51 @@ class Output(Generic[T]):
             if room <= 0 or not items:
                 return 0
             taken = items if room >= len(items) else items[:room]
-            self._items.extend(taken)
-            self._not_empty.notify(len(taken))
+            self._arrived(taken)
             return len(taken)
 
     def force(self, items: Iterable[T]) -> None:
         """Append ``items`` even past ``maxsize`` (for records that must not wait in the buffer)."""
         with self._mutex:
-            before = len(self._items)
-            self._items.extend(items)
-            self._not_empty.notify(len(self._items) - before)
+            self._arrived(list(items))
+
+    def _arrived(self, items: list[T]) -> None:
+        """Append ``items`` and wake every consumer (with ``_mutex`` held)."""
+        if not items:
+            return
+        self._items.extend(items)
+        self._arrivals.append([time.monotonic(), len(items)])
+        # All of them: a batch consumer woken too early must not swallow the wakeup of another.
+        self._not_empty.notify_all()
+        self._wake_loops()
+
+    def _wake_loops(self) -> None:
+        for loop, future in self._waiters:
+            try:
+                loop.call_soon_threadsafe(_ready, future)
+            except RuntimeError:  # that loop is closed: nobody waits there any more
+                pass
+        self._waiters.clear()
+
+    def _pop(self, count: int) -> list[T]:
+        """Remove the ``count`` oldest items (with ``_mutex`` held); wake whoever waits for room."""
+        items, arrivals = self._items, self._arrivals
+        taken = [items.popleft() for _ in range(count)]
+        while count:
+            oldest = arrivals[0]
+            used = min(count, int(oldest[1]))
+            oldest[1] -= used
+            count -= used
+            if not oldest[1]:
+                arrivals.popleft()
+        if taken:
+            self._not_full.notify_all()
+        return taken
 
     def take(self, limit: int | None = None) -> list[T]:
         """Remove and return up to ``limit`` items (all when ``None``) without blocking."""
         with self._mutex:
-            count = len(self._items) if limit is None else min(limit, len(self._items))
-            taken = [self._items.popleft() for _ in range(count)]
-            if taken:
-                self._not_full.notify_all()
-            return taken
+            return self._pop(len(self._items) if limit is None else min(limit, len(self._items)))
 
     def get(self) -> tuple[bool, T | None]:
         """Block for the next item: ``(True, item)``, or ``(False, None)`` once closed and empty."""
@@ -72,9 +112,60 @@ class Output(Generic[T]):
                 if self._closed:
                     return False, None
                 self._not_empty.wait()
-            item = self._items.popleft()
-            self._not_full.notify_all()
-            return True, item
+            return True, self._pop(1)[0]
+
+    def batch_now(self, max_size: int, max_wait: float) -> list[T] | float | None:
+        """A batch if one is due now, else how long until one may be; ``None`` once closed and empty.
+
+        A batch is due when ``max_size`` items wait, when the oldest waited
+        ``max_wait`` seconds, or when the output is closed. Returns the batch
+        (a non-empty list), or the seconds to wait before asking again
+        (``float('inf')`` while empty), or ``None``.
+        """
+        with self._mutex:
+            return self._batch_locked(max_size, max_wait)
+
+    def _batch_locked(self, max_size: int, max_wait: float) -> list[T] | float | None:
+        if not self._items:
+            return None if self._closed else float("inf")
+        left = self._arrivals[0][0] + max_wait - time.monotonic()
+        if len(self._items) >= max_size or self._closed or left <= 0:
+            return self._pop(min(max_size, len(self._items)))
+        return left
+
+    def get_batch(self, max_size: int, max_wait: float) -> list[T] | None:
+        """Block for the next batch (see :meth:`batch_now`); ``None`` once closed and empty."""
+        with self._mutex:
+            while True:
+                batch = self._batch_locked(max_size, max_wait)
+                if not isinstance(batch, float):
+                    return batch
+                self._not_empty.wait(None if batch == float("inf") else batch)
+
+    def get_now(self) -> tuple[bool, T | None] | None:
+        """The next item now: ``(True, item)``; ``(False, None)`` once closed and empty; else ``None``."""
+        with self._mutex:
+            if self._items:
+                return True, self._pop(1)[0]
+            return (False, None) if self._closed else None
+
+    def waiter(self, loop: asyncio.AbstractEventLoop, fewer_than: int) -> asyncio.Future[None] | None:
+        """A future that the next arrival or :meth:`close` resolves, from any thread.
+
+        ``None`` (nothing to wait for) if ``fewer_than`` items or more wait
+        already, or the output is closed. Call it from ``loop``'s thread.
+        """
+        with self._mutex:
+            if len(self._items) >= fewer_than or self._closed:
+                return None
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, future))
+            return future
+
+    def forget(self, future: asyncio.Future[None]) -> None:
+        """Stop waking ``future`` (its consumer stopped waiting: timed out or cancelled)."""
+        with self._mutex:
+            self._waiters = [(loop, f) for loop, f in self._waiters if f is not future]
 
     def wait_for_room(self, timeout: float) -> bool:
         """Block until the output has room; ``False`` if ``timeout`` seconds passed first."""
@@ -93,3 +184,4 @@ class Output(Generic[T]):
             self._closed = True
             self._not_empty.notify_all()
             self._not_full.notify_all()
+            self._wake_loops()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar, overload, runtime_checkable
@@ -86,6 +86,22 @@ class Aggregator(Protocol[K, V]):
 
     def drain(self, limit: int | None = None) -> list[tuple[K, V]]:
         """Take up to ``limit`` records from the output now, without blocking [OUT-3]."""
+        ...
+
+    def batches(self, max_size: int = 500, max_wait: float = 0.5) -> Iterator[list[tuple[K, V]]]:
+        """Block for batches of flushed records; end once shut down and drained [OUT-5]."""
+        ...
+
+    def arecords(self) -> AsyncIterator[tuple[K, V]]:
+        """``records()`` for asyncio, never blocking the loop [OUT-6]."""
+        ...
+
+    def abatches(self, max_size: int = 500, max_wait: float = 0.5) -> AsyncIterator[list[tuple[K, V]]]:
+        """``batches()`` for asyncio, never blocking the loop [OUT-6]."""
+        ...
+
+    async def ashutdown(self, timeout: float | None = None) -> None:
+        """``shutdown()`` for asyncio [OUT-6]."""
         ...
 
     @overload
