@@ -21,6 +21,7 @@ from ._consume import Consuming
 from ._errors import AggregatorClosedError, ReentrantMergeError
 from ._output import Output
 from ._types import Merge, Stats, Storage
+from ._writing import Writing
 
 __all__ = ["BufferedAggregator", "logger"]
 
@@ -42,7 +43,7 @@ def _run_flusher(
         del aggregator
 
 
-class BufferedAggregator(Consuming[K, V], Generic[K, V]):
+class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
     """The engine: an :class:`~aggregator_reference.Aggregator` over a backend's :class:`Storage`.
 
     A backend subclasses it and sets :attr:`storage_class`; nothing else::

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from . import _fork
+
 if TYPE_CHECKING:
     from ._engine import BufferedAggregator
     from ._types import Storage
@@ -77,6 +79,7 @@ _given_up: ContextVar[threading.Event | None] = ContextVar("aggregator_reference
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()  # the thread that may have held it at the fork is not in the child
+    _fork.disown(list(_live), os.getppid())  # LIFE-3
 
 
 if hasattr(os, "register_at_fork"):

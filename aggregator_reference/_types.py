@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar, overload, runtime_checkable
@@ -67,6 +67,10 @@ class Aggregator(Protocol[K, V]):
             ReentrantMergeError: called from inside this aggregator's ``merge`` [REENTRY-1].
             Exception: whatever ``merge`` raised; the record stays as it was [ADD-4].
         """
+        ...
+
+    def add_many(self, pairs: Iterable[tuple[K, V]]) -> int:
+        """``add`` each pair in order; return how many merged [ADD-7]."""
         ...
 
     def flush(self) -> int:

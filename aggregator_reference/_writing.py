@@ -1,0 +1,40 @@
+"""The writer side of the engine beyond ``add``: ``add_many``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import Generic, TypeVar
+
+__all__ = ["Writing"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Writing(Generic[K, V]):
+    """What writers call besides ``add``; mixed into :class:`~aggregator_reference.BufferedAggregator`."""
+
+    add: Callable[[K, V], bool]
+
+    def add_many(self, pairs: Iterable[tuple[K, V]]) -> int:
+        """``add(key, value)`` for each pair, in order, from this thread; return how many merged (ADD-7).
+
+        Thread-safe, as ``add``. If a pair fails (not a pair, an unhashable
+        key, ``merge`` raised, the aggregator closed), the pairs before it stay
+        added and the exception propagates with a note naming the pair's index.
+
+        Raises:
+            Whatever ``add`` raises for the failing pair; ``TypeError``/``ValueError``
+            for an item that is not a ``(key, value)`` pair.
+        """
+        add = self.add
+        merged = 0
+        for index, pair in enumerate(pairs):  # an error of the iterable itself propagates as it is
+            try:
+                key, value = pair
+                if add(key, value):
+                    merged += 1
+            except Exception as exc:
+                exc.add_note(f"add_many(): pair {index} failed; the {index} pair(s) before it stay added")
+                raise
+        return merged
