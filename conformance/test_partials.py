@@ -400,3 +400,139 @@ def test_a_split_made_during_a_flush_comes_out_after_the_record_that_flush_reque
     delivered += [v for key, value in agg.drain() if key == "k" for v in value]
     mine = [v for v in delivered if v in ("a", "b")]
     assert mine == ["a", "b"], f"this thread added a then b; delivered in order {delivered}"
+
+
+class SlowHash:
+    """A key whose ``__hash__`` sleeps in the thread named ``slow_in`` (once ``armed``)."""
+
+    def __init__(self, name: str, slow_in: str) -> None:
+        self.name, self.slow_in, self.armed = name, slow_in, False
+        self.sleeping = threading.Event()
+
+    def __hash__(self) -> int:
+        if self.armed and threading.current_thread().name == self.slow_in:
+            self.armed = False
+            self.sleeping.set()
+            time.sleep(0.3)
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SlowHash) and other.name == self.name
+
+
+class InterruptingHash:
+    """A key whose ``__hash__`` raises :class:`Interrupt` once ``armed``."""
+
+    armed = False
+
+    def __hash__(self) -> int:
+        if InterruptingHash.armed:
+            InterruptingHash.armed = False
+            raise Interrupt
+        return 7
+
+
+@pytest.mark.clause("ADD-5", "FLUSH-2", "FLUSH-5", "REENTRY-1")
+@pytest.mark.parametrize("stop", ["read from another merge gives up", "interrupt while placing"])
+def test_a_read_that_stops_half_way_keeps_each_threads_order(make: Factory, stop: str) -> None:
+    hold = threading.Event()
+    held = threading.Event()
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if incoming == ["u2"]:
+            held.set()
+            hold.wait(30)  # another writer's add stays in flight
+        return stored + incoming
+
+    agg = make(merge, max_pending=1)
+    slow = SlowHash("slow", "flusher-under-test")
+    agg.add("fill", ["f"])
+    agg.flush()  # the output is full: the next flush re-queues everything
+    agg.add(slow, ["s"])
+    agg.add("k", ["a"])  # this thread's oldest value of k
+    slow.armed = True
+    flusher = threading.Thread(target=agg.flush, name="flusher-under-test", daemon=True)
+    flusher.start()  # re-queues slow, then k:a; hashing slow takes a while
+    if slow.sleeping.wait(10):
+        agg.add("k", ["b"])  # while k:a is out: a piece of its own, newer than a
+    else:
+        agg.add("k", ["b"])  # a backend that hashes elsewhere: just the next value
+    flusher.join(30)
+    assert not flusher.is_alive()
+    with ThreadPoolExecutor(1) as other:
+        if stop == "interrupt while placing":
+            bad = InterruptingHash()
+            other.submit(agg.add, bad, ["x"]).result(30)
+            InterruptingHash.armed = True
+            try:
+                agg.snapshot()
+            except Interrupt:
+                pass
+            InterruptingHash.armed = False
+        else:
+            other.submit(agg.add, "u", ["u1"]).result(30)
+            in_flight = other.submit(agg.add, "u", ["u2"])
+            assert held.wait(10)
+
+            def read_from_merge(stored: int, incoming: int) -> int:
+                try:
+                    agg.snapshot()  # waits for the add in flight at most a while, then may give up
+                except ar.ReentrantMergeError:
+                    pass
+                return stored + incoming
+
+            caller = ar.create(read_from_merge, backend="reference", flush_interval=None)
+            caller.add("c", 1)
+            call_bounded(lambda: caller.add("c", 1), 30, "a read from another aggregator's merge")
+            caller.shutdown()
+            hold.set()
+            in_flight.result(30)
+    hold.set()
+    delivered: list[str] = []
+    while agg.pending or len(agg):
+        delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+        agg.flush()
+    delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+    assert delivered == ["a", "b"], f"this thread added a then b; delivered in order {delivered}"
+
+
+@pytest.mark.clause("ADD-1", "ADD-2", "REENTRY-1")
+def test_the_only_writer_merges_into_its_key_after_a_read_gave_up_on_it(make: Factory) -> None:
+    slow = threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if threading.current_thread().name == "only-writer" and not slow.is_set():
+            slow.set()
+            time.sleep(1.5)  # longer than a read from another merge waits
+        return stored + incoming
+
+    agg = make(merge)
+    results: list[bool] = []
+    go_on = threading.Event()
+
+    def write() -> None:
+        results.append(agg.add("k", 1))
+        results.append(agg.add("k", 1))  # slow: a read from another merge gives up meanwhile
+        go_on.wait(30)
+        results.append(agg.add("k", 1))  # k is buffered: True (ADD-2, one writer)
+
+    writer = threading.Thread(target=write, name="only-writer", daemon=True)
+    writer.start()
+    assert slow.wait(10)
+    time.sleep(0.1)
+
+    def read_from_merge(stored: int, incoming: int) -> int:
+        try:
+            agg.get("other")
+        except ar.ReentrantMergeError:
+            pass
+        return stored + incoming
+
+    caller = ar.create(read_from_merge, backend="reference", flush_interval=None)
+    caller.add("c", 1)
+    call_bounded(lambda: caller.add("c", 1), 30, "a read from another aggregator's merge")
+    caller.shutdown()
+    go_on.set()
+    writer.join(30)
+    assert results == [False, True, True]
+    assert shutdown_collecting(agg) == {"k": 3}
