@@ -147,7 +147,8 @@ class FreeThreadedStorage(Generic[K, V]):
                 return True
             gathers = self._gathers  # odd while a gather runs: home is elsewhere then
             home = self._home
-            if not (home and key in home) and not gathers & 1 and gathers == self._gathers:
+            elsewhere = buffer.stranded or (home and key in home)  # older states, re-queued records
+            if not elsewhere and not gathers & 1 and gathers == self._gathers:
                 data[key] = value
                 stamps.append(_now())
                 buffer.stored += 1
@@ -177,7 +178,8 @@ class FreeThreadedStorage(Generic[K, V]):
                 return True
             gathers = self._gathers  # odd while a gather runs: home is elsewhere then
             home = self._home
-            if not (home and key in home) and not gathers & 1 and gathers == self._gathers:
+            elsewhere = buffer.stranded or (home and key in home)  # older states, re-queued records
+            if not elsewhere and not gathers & 1 and gathers == self._gathers:
                 data[key] = value
                 stamps.append(_now())
                 buffer.stored += 1
@@ -209,6 +211,11 @@ class FreeThreadedStorage(Generic[K, V]):
             if self._closed:
                 kit.refuse_closed("add()")
             data, stamps = buffer.state
+            for records, _ in buffer.stranded:  # older states a refused read left: the key may be there
+                if key in records:
+                    records[key] = self._merge(records[key], value)
+                    buffer.merges += 1
+                    return True
             home = self._home
             if key in home and key not in self._taken_home:
                 stored = home[key]
@@ -282,10 +289,8 @@ class FreeThreadedStorage(Generic[K, V]):
                 self._gathers += 1
 
         def gathered_all() -> dict[K, V]:
-            gathering = Gathering(self._home, self._home_keys, self._orphans, self._log_split)
-            self._home, self._home_keys, self._taken_home = {}, {}, set()
             buffers, (merges, stored) = self._accounts
-            kept = []
+            kept, taken = [], []
             try:
                 # Buffers with no add in flight first, then wait for the others: a writer
                 # descheduled mid-add delays the flush once, not once per such buffer.
@@ -297,11 +302,19 @@ class FreeThreadedStorage(Generic[K, V]):
                         if states is None:
                             later.append(buffer)
                             continue
+                        taken.append((buffer, states))
                         if alive:
                             kept.append(buffer)
                         else:
                             merges, stored = merges + buffer.merges, stored + buffer.stored
-                        gathering.take(states)
+            except BaseException:  # nothing placed yet: every state goes back, in order
+                for buffer, states in taken:
+                    buffer.stranded[:0] = states
+                raise
+            gathering = Gathering(self._home, self._home_keys, self._orphans, self._log_split)
+            self._home, self._home_keys, self._taken_home = {}, {}, set()
+            try:
+                gathering.take([state for _, states in taken for state in states])
                 gathered = gathering.combined(self._merge)
             except BaseException:
                 self._home_at(gathering.abandon())

@@ -44,9 +44,12 @@ class Gathering(Generic[K, V]):
         self._combining: list[list[Piece[K, V]]] = []  # pieces out of extra and gathered
 
     def take(self, states: list[tuple[dict[K, V], list[int]]]) -> None:
-        """Place one buffer's states (records and their stamps), oldest first."""
+        """Place the states taken (records and their stamps); one buffer's oldest first."""
         unplaced = self._unplaced = states
         while unplaced:
+            if not unplaced[0][0]:
+                unplaced.pop(0)  # nothing to place: no key needs hashing for it
+                continue
             if not self.gathered:
                 self.gathered, self._adopted = unplaced.pop(0)  # nothing older: adopt it
                 continue
@@ -63,15 +66,21 @@ class Gathering(Generic[K, V]):
                 on_error=self._on_error,
             )
 
-    def combined(self, merge: Callable[[V, V], V]) -> dict[K, V]:
-        """Combine the pieces of every key found more than once; return every record."""
+    def _join(self) -> list[list[Piece[K, V]]]:
+        """Move the gathered record of each key found more than once into that key's pieces."""
         gathered, firsts = self.gathered, self._firsts
         self._combining = combining = list(self._extra.values())
-        for pieces in combining:  # each key's record joins its pieces, out of gathered
+        self._extra.clear()
+        for pieces in combining:
             key = pieces[0][2]
             stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
             pieces.append((stamp, -1, first, gathered.pop(key)))
-        self._extra.clear()
+        return combining
+
+    def combined(self, merge: Callable[[V, V], V]) -> dict[K, V]:
+        """Combine the pieces of every key found more than once; return every record."""
+        gathered = self.gathered
+        combining = self._join()
         while combining:  # combine() orphans its own pieces if interrupted
             first, record = combine(combining.pop(), merge, self._orphans, self._on_error)
             try:
@@ -81,10 +90,20 @@ class Gathering(Generic[K, V]):
         return gathered
 
     def abandon(self) -> dict[K, V]:
-        """After an exception: pieces not combined go to the orphans in order; return what was gathered."""
+        """After an exception: pieces not combined go to the orphans in order; return what was gathered.
+
+        A key's pieces go out with its oldest, the gathered record, ahead of
+        them (older first): only a key whose own hash fails now keeps that one
+        home, the next flush's orphans going first.
+        """
         for records, _ in self._unplaced:
             self._orphans.extend(records.items())
-        for pieces in self._combining or list(self._extra.values()):
+        if self._extra:
+            try:
+                self._join()
+            except BaseException:  # a key's hash failed: the keys before it are joined
+                pass
+        for pieces in self._combining:
             pieces.sort(key=lambda piece: piece[:2])
             self._orphans.extend((piece[2], piece[3]) for piece in pieces)
         return self.gathered
