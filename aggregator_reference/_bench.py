@@ -8,36 +8,55 @@ best of ``repeats`` runs, backends interleaved so that they share the noise.
 The baseline is the same loop writing ``d[k] = merge(d[k], v)`` into a plain
 shared dict with no lock: the floor no aggregator can beat. The ceiling is
 the same work as one writer, done by ``writers`` independent processes.
+The measurements of one part on its own (flush, memory, the floor, the
+ceiling, the consumers) are in :mod:`._bench_costs`; their names are
+importable from here too.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import operator
 import os
 import sys
-import threading
-import time
-import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from queue import Queue
 from typing import Any, TextIO
 
+from ._bench_costs import (
+    BASELINE,
+    CONSUMERS,
+    MERGES,
+    Body,
+    Consumption,
+    adding,
+    bare_dict,
+    consumption,
+    floor_breakdown,
+    flush_cost,
+    int_sum,
+    memory_ratio,
+    process_ceiling,
+    timed,
+)
 from ._registry import backend_names, create, gil_enabled
 
-__all__ = ["BASELINE", "BenchReport", "Measurement", "run_bench"]
-
-BASELINE = "dict"
-Body = Callable[[list[int]], None]
-
-
-def int_sum(stored: int, incoming: int) -> int:
-    """The default merge: an ``int`` sum written as a user would."""
-    return stored + incoming
-
-
-MERGES: dict[str, Callable[[int, int], int]] = {"python": int_sum, "operator": operator.add}
+__all__ = [
+    "BASELINE",
+    "MERGES",
+    "BenchReport",
+    "Consumption",
+    "Measurement",
+    "floor_breakdown",
+    "flush_cost",
+    "format_table",
+    "int_sum",
+    "memory_ratio",
+    "parse_counts",
+    "plot",
+    "process_ceiling",
+    "report_dict",
+    "run_bench",
+    "usable_cpus",
+]
 
 
 @dataclass
@@ -70,6 +89,7 @@ class BenchReport:
     flush: dict[str, float] = field(default_factory=dict)
     floor: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
+    consumers: dict[str, Consumption] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     recommendation: str = ""
 
@@ -82,209 +102,17 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-# -- writer loops: module-level functions, one attribute lookup outside the loop ----------
-
-
-def _adding(add: Callable[[int, int], Any]) -> Body:
-    def body(sequence: list[int]) -> None:
-        for key in sequence:
-            add(key, 1)
-
-    return body
-
-
-def _bare_dict(shared: dict[int, int], merge: Callable[[int, int], int]) -> Body:
-    def body(sequence: list[int]) -> None:
-        d = shared
-        for key in sequence:
-            d[key] = merge(d[key], 1)
-
-    return body
-
-
-def _timed(body: Body, writers: int, sequence: list[int]) -> float:
-    """Wall time for ``writers`` threads each running ``body(sequence)``, started on a barrier."""
-    barrier = threading.Barrier(writers + 1)
-
-    def run() -> None:
-        barrier.wait()
-        body(sequence)
-
-    threads = [threading.Thread(target=run) for _ in range(writers)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started
-
-
 def _one_run(
     backend: str, writers: int, keys: int, sequence: list[int], merge: Callable[[int, int], int]
 ) -> float:
     if backend == BASELINE:
-        return _timed(_bare_dict(dict.fromkeys(range(keys), 0), merge), writers, sequence)
+        return timed(bare_dict(dict.fromkeys(range(keys), 0), merge), writers, sequence)
     aggregator: Any = create(merge, backend=backend, flush_interval=None, max_pending=max(keys, 1024))
     try:
-        return _timed(_adding(aggregator.add), writers, sequence)
+        return timed(adding(aggregator.add), writers, sequence)
     finally:
         aggregator.shutdown()
         aggregator.drain()
-
-
-# -- the process ceiling ------------------------------------------------------------------
-
-
-def _process_worker(  # noqa: PLR0917 (a Process target: positional arguments)
-    backend: str, keys: int, adds: int, merge_name: str, sync: tuple[Any, Any, Any], slot: int
-) -> None:
-    ready, go, times = sync
-    merge = MERGES[merge_name]
-    sequence = [i % keys for i in range(adds)]
-    if backend == BASELINE:
-        body = _bare_dict(dict.fromkeys(range(keys), 0), merge)
-    else:
-        body = _adding(create(merge, backend=backend, flush_interval=None).add)
-    ready.wait()
-    go.wait()
-    started = time.perf_counter()
-    body(sequence)
-    times[2 * slot], times[2 * slot + 1] = started, time.perf_counter()
-
-
-def process_ceiling(backend: str, processes: int, keys: int, *, adds: int, repeats: int, merge: str) -> float:
-    """Throughput of ``processes`` independent processes doing one writer's work, over one process."""
-    context = multiprocessing.get_context("spawn")
-
-    def wall(count: int) -> float:
-        ready, go = context.Barrier(count + 1), context.Event()
-        times = context.Array("d", 2 * count)
-        workers = [
-            context.Process(
-                target=_process_worker, args=(backend, keys, adds, merge, (ready, go, times), slot)
-            )
-            for slot in range(count)
-        ]
-        for worker in workers:
-            worker.start()
-        ready.wait()
-        go.set()
-        for worker in workers:
-            worker.join()
-        return float(max(times[1::2]) - min(times[0::2]))
-
-    one = min(wall(1) for _ in range(repeats))
-    many = min(wall(processes) for _ in range(repeats))
-    return processes * one / many
-
-
-# -- flush and memory -------------------------------------------------------------------------
-
-
-def flush_cost(backend: str, records: int, repeats: int) -> tuple[float, float]:
-    """``(seconds to flush(), seconds to put the same tuples into a queue.Queue)``, best of ``repeats``."""
-    flush_times, queue_times = [], []
-    for _ in range(repeats):
-        aggregator: Any = create(int_sum, backend=backend, flush_interval=None, max_pending=records)
-        for key in range(records):
-            aggregator.add(key, key)
-        items = list(aggregator.snapshot().items())
-        started = time.perf_counter()
-        aggregator.flush()
-        flush_times.append(time.perf_counter() - started)
-        aggregator.shutdown()
-        aggregator.drain()
-        queue: Queue[tuple[int, int]] = Queue()
-        started = time.perf_counter()
-        for item in items:
-            queue.put(item)
-        queue_times.append(time.perf_counter() - started)
-    return min(flush_times), min(queue_times)
-
-
-def memory_ratio(backend: str, records: int) -> float:
-    """Bytes traced while ``records`` int records are buffered, over a plain dict of the same."""
-
-    def traced(build: Callable[[], object]) -> int:
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            kept = build()
-            after = tracemalloc.get_traced_memory()[0]
-            del kept
-        finally:
-            tracemalloc.stop()
-        return after - before
-
-    values = list(range(1000, 1000 + records))  # allocated outside the trace: shared by both
-
-    def plain() -> object:
-        return dict(zip(range(records), values, strict=True))
-
-    def buffered() -> object:
-        aggregator: Any = create(int_sum, backend=backend, flush_interval=None, max_pending=1)
-        for key, value in zip(range(records), values, strict=True):
-            aggregator.add(key, value)
-        return aggregator
-
-    return traced(buffered) / traced(plain)
-
-
-# -- the floor of a Python add ------------------------------------------------------------
-
-
-class _FloorProbe:
-    """The steps of an ``add`` one at a time, to show what each costs (``bench --floor``)."""
-
-    def __init__(self, merge: Callable[[int, int], int], keys: int) -> None:
-        self.data = dict.fromkeys(range(keys), 0)
-        self.merge = merge
-        self.lock = threading.Lock()
-
-    def update(self, key: int, value: int) -> None:
-        data = self.data
-        data[key] = self.merge(data[key], value)
-
-    def update_checked(self, key: int, value: int) -> bool:
-        data = self.data
-        if key in data:
-            data[key] = self.merge(data[key], value)
-            return True
-        data[key] = value
-        return False
-
-    def update_locked(self, key: int, value: int) -> bool:
-        held = self.lock
-        if not held.acquire(False):
-            held.acquire()
-        try:
-            data = self.data
-            if key in data:
-                data[key] = self.merge(data[key], value)
-                return True
-            data[key] = value
-            return False
-        finally:
-            held.release()
-
-
-def floor_breakdown(keys: int, adds: int, repeats: int, merge: str = "python") -> dict[str, float]:
-    """ns per add, one writer: the inline loop, then a method doing more and more of an ``add``."""
-    function = MERGES[merge]
-    sequence = [i % keys for i in range(adds)]
-    probe = _FloorProbe(function, keys)
-    steps: dict[str, Body] = {
-        "inline d[k] = merge(d[k], v)": _bare_dict(dict.fromkeys(range(keys), 0), function),
-        "method: the update only": _adding(probe.update),
-        "method: + key test, return value": _adding(probe.update_checked),
-        "method: + Lock acquire/release": _adding(probe.update_locked),
-    }
-    result: dict[str, float] = {}
-    for name, body in steps.items():
-        best = min(_timed(body, 1, sequence) for _ in range(repeats))
-        result[name] = best / adds * 1e9
-    return result
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -307,6 +135,7 @@ def run_bench(
     ceiling: bool | None = None,
     flush_records: int = 100_000,
     memory_records: int = 0,
+    consumer_records: int = 0,
     floor: bool = False,
     peers: bool = False,
     progress: TextIO | None = None,
@@ -314,7 +143,8 @@ def run_bench(
     """Measure every backend (and the baseline) over ``writers`` x ``keys``.
 
     ``ceiling=None`` measures the process ceiling only where threads can run in
-    parallel (GIL disabled). ``flush_records``/``memory_records`` of 0 skip those parts.
+    parallel (GIL disabled). ``flush_records``/``memory_records``/``consumer_records``
+    of 0 skip those parts.
     """
     names = [*(backends or backend_names()), BASELINE]
     report = BenchReport(
@@ -340,7 +170,7 @@ def run_bench(
             for name in names:
                 _progress(progress, done, total, f"{name}: {count} writer(s), {key_count} keys")
                 if name in peer_bodies:
-                    seconds = _timed(peer_bodies[name](key_count), count, sequence)
+                    seconds = timed(peer_bodies[name](key_count), count, sequence)
                 else:
                     seconds = _one_run(name, count, key_count, sequence, MERGES[merge])
                 slot = (name, count, key_count)
@@ -371,6 +201,9 @@ def run_bench(
         if memory_records:
             _progress(progress, done, total, f"memory of {memory_records} records: {name}")
             report.memory[name] = memory_ratio(name, memory_records)
+        if consumer_records:
+            _progress(progress, done, total, f"consumers of {consumer_records} records: {name}")
+            report.consumers[name] = consumption(name, consumer_records, keys[len(keys) // 2], repeats)
     if floor:
         _progress(progress, done, total, "the floor of a Python add")
         report.floor = floor_breakdown(keys[len(keys) // 2], adds, repeats, merge)
@@ -437,6 +270,8 @@ def format_table(report: BenchReport) -> str:
         lines.append("flush() cost over putting the same tuples into a queue.Queue: " + _pairs(report.flush))
     if report.memory:
         lines.append("memory of buffered int records over a plain dict: " + _pairs(report.memory))
+    if report.consumers:
+        lines.extend(_consumer_lines(report.consumers))
     if report.floor:
         base = next(iter(report.floor.values()))
         lines.append("")
@@ -448,6 +283,21 @@ def format_table(report: BenchReport) -> str:
         lines.append("")
         lines.append(f"Recommendation on this machine: {report.recommendation}")
     return "\n".join(lines)
+
+
+def _consumer_lines(consumers: dict[str, Consumption]) -> list[str]:
+    first = next(iter(consumers.values()))
+    lines = [
+        "",
+        f"Consumers: records/s taking {first.records} flushed records, and x records() in the same run;",
+        f"add_many: time per pair over a loop of add() ({first.records} pairs over {first.keys} keys)",
+        f"{'backend':<14}" + "".join(f"{kind + '()':>20}" for kind in CONSUMERS) + f"{'add_many':>10}",
+    ]
+    for name, c in consumers.items():
+        cells = [f"{c.per_s[kind]:>12,.0f} {c.vs_records[kind]:>6.2f}x" for kind in CONSUMERS]
+        cells[0] = f"{c.per_s['records']:>20,.0f}"
+        lines.append(f"{name:<14}" + "".join(cells) + f"{c.add_many_vs_add:>9.2f}x")
+    return lines
 
 
 def _pairs(values: dict[str, float]) -> str:

@@ -109,8 +109,8 @@ def run_bench_command(args: argparse.Namespace, out: TextIO) -> int:
 
     try:
         writers, keys = _bench.parse_counts(args.writers), _bench.parse_counts(args.keys)
-        if args.adds < 1 or args.repeats < 1 or args.flush < 0 or args.memory < 0:
-            raise ValueError("--adds and --repeats must be >= 1, --flush and --memory >= 0")
+        if args.adds < 1 or args.repeats < 1 or min(args.flush, args.memory, args.consumers) < 0:
+            raise ValueError("--adds and --repeats must be >= 1, --flush, --memory and --consumers >= 0")
         for name in args.backend or ():
             load_backend(name)
         report = _bench.run_bench(
@@ -123,6 +123,7 @@ def run_bench_command(args: argparse.Namespace, out: TextIO) -> int:
             ceiling=args.ceiling,
             flush_records=args.flush,
             memory_records=args.memory,
+            consumer_records=args.consumers,
             floor=args.floor,
             peers=args.peers,
             progress=None if args.json or not sys.stderr.isatty() else sys.stderr,
@@ -179,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--flush", type=int, default=100_000, metavar="N", help="flush N records (0: skip)")
     bench.add_argument("--memory", type=int, default=0, metavar="N", help="memory of N records (0: skip)")
+    bench.add_argument(
+        "--consumers",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="move N flushed records through records(), batches(), arecords() and abatches(), "
+        "and time add_many() of N pairs against add() (0: skip; default 10000)",
+    )
     bench.add_argument("--floor", action="store_true", help="also show what each step of an add costs")
     bench.add_argument("--peers", action="store_true", help="add OpenTelemetry, datadog, prometheus_client")
     bench.add_argument("--json", action="store_true", help="print the results as JSON, no table")

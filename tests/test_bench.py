@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import aggregator_reference as ar
-from aggregator_reference import _bench
-from aggregator_reference._cli import main
+from aggregator_reference import _bench, _bench_costs
+from aggregator_reference._cli import build_parser, main
 
-TINY = ["--writers", "1,2", "--keys", "10", "--adds", "300", "--repeats", "1"]
+TINY = ["--writers", "1,2", "--keys", "10", "--adds", "300", "--repeats", "1", "--consumers", "0"]
 
 
 def test_json_report_covers_every_backend_and_the_baseline() -> None:
@@ -62,6 +62,53 @@ def test_floor_breakdown_lists_each_step() -> None:
     assert all(ns > 0 for ns in floor.values())
 
 
+def test_consumers_and_add_many_are_measured_for_every_backend() -> None:
+    # Fields exist and are positive, in the JSON and the table; their values are the machine's.
+    out = io.StringIO()
+    assert main(["bench", *TINY, "--flush", "0", "--consumers", "200", "--no-ceiling", "--json"], out) == 0
+    consumers = json.loads(out.getvalue())["consumers"]
+    assert set(consumers) == set(ar.backend_names())
+    for c in consumers.values():
+        assert (c["records"], c["keys"]) == (200, 10)
+        assert list(c["per_s"]) == list(c["vs_records"]) == ["records", "batches", "arecords", "abatches"]
+        assert all(rate > 0 and math.isfinite(rate) for rate in c["per_s"].values())
+        assert c["vs_records"]["records"] == pytest.approx(1.0)
+        for kind, ratio in c["vs_records"].items():
+            assert ratio == pytest.approx(c["per_s"][kind] / c["per_s"]["records"])
+        assert c["add_ns"] > 0
+        assert c["add_many_ns"] > 0
+        assert c["add_many_vs_add"] == pytest.approx(c["add_many_ns"] / c["add_ns"])
+    out = io.StringIO()
+    assert main(["bench", *TINY, "--backend", "reference", "--flush", "0", "--consumers", "200"], out) == 0
+    text = out.getvalue()
+    assert "Consumers: records/s taking 200 flushed records" in text
+    assert "add_many: time per pair over a loop of add() (200 pairs over 10 keys)" in text
+    header = next(line for line in text.splitlines() if line.startswith("backend") and "records()" in line)
+    assert header.split() == ["backend", "records()", "batches()", "arecords()", "abatches()", "add_many"]
+    row = [line for line in text.splitlines() if line.startswith("reference")][-1].split()
+    assert len(row) == 9
+    assert row[-1].endswith("x")
+
+
+def test_consumers_zero_skips_and_the_default_run_measures_them() -> None:
+    out = io.StringIO()
+    assert (
+        main(["bench", *TINY, "--backend", "reference", "--flush", "0", "--consumers", "0", "--json"], out)
+        == 0
+    )
+    assert json.loads(out.getvalue())["consumers"] == {}
+    args = build_parser().parse_args(["bench"])
+    assert args.consumers > 0
+    report = _bench.run_bench(["reference"], [1], [10], adds=200, repeats=1, flush_records=0)
+    assert report.consumers == {}
+    assert "Consumers:" not in _bench.format_table(report)
+
+
+def test_consumer_rate_consumes_every_record() -> None:
+    for kind in _bench_costs.CONSUMERS:
+        assert _bench_costs.consumer_rate("reference", kind, 50) > 0
+
+
 def test_bad_counts_are_a_clean_error() -> None:
     out = io.StringIO()
     assert main(["bench", "--writers", "0"], out) == 2
@@ -69,6 +116,17 @@ def test_bad_counts_are_a_clean_error() -> None:
     out = io.StringIO()
     assert main(["bench", "--backend", "nope"], out) == 2
     assert "no aggregator backend named 'nope'" in out.getvalue()
+    out = io.StringIO()
+    assert main(["bench", "--consumers", "-1"], out) == 2
+    assert "--consumers >= 0" in out.getvalue()
+
+
+def test_names_moved_to_bench_costs_stay_importable_from_bench() -> None:
+    # benchmarks/benchmarks.py, the tests and the CLI import these from _bench.
+    for name in ("BASELINE", "MERGES", "int_sum", "flush_cost", "memory_ratio", "floor_breakdown"):
+        assert getattr(_bench, name) is getattr(_bench_costs, name)
+    assert _bench.process_ceiling is _bench_costs.process_ceiling
+    assert callable(_bench.usable_cpus)
 
 
 def test_process_ceiling_runs_independent_processes() -> None:
