@@ -39,6 +39,8 @@ class Output(Generic[T]):
         # When the items arrived, oldest first: [monotonic time, how many of the items are left].
         self._arrivals: deque[list[float]] = deque()
         self._closed = False
+        # Threads waiting in wait_for_room(): a take notifies _not_full only if there are any.
+        self._room_waiters = 0
         # Futures of event-loop consumers waiting for items, each with its loop.
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         # Guards everything above.
@@ -85,6 +87,17 @@ class Output(Generic[T]):
                 pass
         self._waiters.clear()
 
+    def _pop_one(self) -> T:
+        """:meth:`_pop` of one item, without building a list: ``records()`` calls it per record."""
+        item = self._items.popleft()
+        oldest = self._arrivals[0]
+        oldest[1] -= 1
+        if not oldest[1]:
+            self._arrivals.popleft()
+        if self._room_waiters:
+            self._not_full.notify_all()
+        return item
+
     def _pop(self, count: int) -> list[T]:
         """Remove the ``count`` oldest items (with ``_mutex`` held); wake whoever waits for room."""
         items, arrivals = self._items, self._arrivals
@@ -96,7 +109,7 @@ class Output(Generic[T]):
             count -= used
             if not oldest[1]:
                 arrivals.popleft()
-        if taken:
+        if taken and self._room_waiters:
             self._not_full.notify_all()
         return taken
 
@@ -112,7 +125,7 @@ class Output(Generic[T]):
                 if self._closed:
                     return False, None
                 self._not_empty.wait()
-            return True, self._pop(1)[0]
+            return True, self._pop_one()
 
     def batch_now(self, max_size: int, max_wait: float) -> list[T] | float | None:
         """A batch if one is due now, else how long until one may be; ``None`` once closed and empty.
@@ -146,7 +159,7 @@ class Output(Generic[T]):
         """The next item now: ``(True, item)``; ``(False, None)`` once closed and empty; else ``None``."""
         with self._mutex:
             if self._items:
-                return True, self._pop(1)[0]
+                return True, self._pop_one()
             return (False, None) if self._closed else None
 
     def waiter(self, loop: asyncio.AbstractEventLoop, fewer_than: int) -> asyncio.Future[None] | None:
@@ -175,7 +188,11 @@ class Output(Generic[T]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._not_full.wait(remaining)
+                self._room_waiters += 1
+                try:
+                    self._not_full.wait(remaining)
+                finally:
+                    self._room_waiters -= 1
             return True
 
     def close(self) -> None:
