@@ -400,3 +400,83 @@ def test_a_split_made_during_a_flush_comes_out_after_the_record_that_flush_reque
     delivered += [v for key, value in agg.drain() if key == "k" for v in value]
     mine = [v for v in delivered if v in ("a", "b")]
     assert mine == ["a", "b"], f"this thread added a then b; delivered in order {delivered}"
+
+
+class EqRaises:
+    """A key that hashes fine but whose ``__eq__`` raises: a dict finds it by identity only."""
+
+    def __hash__(self) -> int:
+        return 1
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("EqRaises.__eq__")
+
+    def __repr__(self) -> str:
+        return "EqRaises()"
+
+
+def _split_by_a_read(agg: Any, failing: dict[str, bool], key: object) -> None:
+    """Add ``a`` to ``key`` here and ``b`` in another thread, then read while merges fail.
+
+    A backend with per-thread partials splits the key's record in two there (FLUSH-6);
+    one with a record per key merged ``b`` in ``add`` already.
+    """
+    agg.add(key, ["a"])
+    with ThreadPoolExecutor(1) as other:
+        other.submit(agg.add, key, ["b"]).result(30)
+    failing["on"] = True
+    try:
+        agg.snapshot()
+    finally:
+        failing["on"] = False
+
+
+@pytest.mark.clause("READ-1", "READ-2", "KEY-1")
+def test_reads_after_a_nan_key_split_show_it(make: Factory) -> None:
+    failing = {"on": False}
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if failing["on"]:
+            raise ValueError("cannot combine")
+        return stored + incoming
+
+    agg = make(merge)
+    nan = float("nan")  # one object: one key, that only a dict's identity check finds
+    _split_by_a_read(agg, failing, nan)
+    failing["on"] = True  # no read may need a merge to show what is buffered
+    try:
+        snap = agg.snapshot()
+        found = agg.get(nan)
+        count = len(agg)
+    finally:
+        failing["on"] = False
+    assert [key is nan for key in snap] == [True], snap
+    assert snap[nan] in (["a"], ["b"], ["a", "b"]), snap
+    assert found in (["a"], ["b"], ["a", "b"]), found
+    assert count == 1
+    assert sorted(shutdown_collecting(agg, concat)[nan]) == ["a", "b"]
+
+
+@pytest.mark.clause("READ-1", "READ-2")
+def test_reads_after_a_split_of_a_key_whose_eq_raises_show_every_key(make: Factory) -> None:
+    failing = {"on": False}
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if failing["on"]:
+            raise ValueError("cannot combine")
+        return stored + incoming
+
+    agg = make(merge)
+    key = EqRaises()
+    agg.add("good", ["g"])
+    _split_by_a_read(agg, failing, key)
+    snap = agg.snapshot()
+    assert sorted(map(repr, snap)) == ["'good'", "EqRaises()"], snap
+    assert snap["good"] == ["g"]
+    assert snap[key] in (["a"], ["b"], ["a", "b"]), snap
+    assert agg.get("good") == ["g"]
+    assert agg.get("missing", "none") == "none"
+    assert agg.get(key) in (["a"], ["b"], ["a", "b"])
+    delivered = shutdown_collecting(agg, concat)
+    assert delivered["good"] == ["g"]
+    assert sorted(delivered[key]) == ["a", "b"]
