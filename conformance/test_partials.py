@@ -470,6 +470,18 @@ def test_a_record_requeued_after_its_key_split_merges_into_the_older_half(
     assert agg.stats().flush_errors == len(errors), [r.getMessage() for r in errors]
 
 
+@pytest.mark.clause("KEY-1", "ADD-5", "FLUSH-6")
+def test_a_nan_key_requeued_after_its_split_stays_in_order(make: Factory) -> None:
+    nan = float("nan")  # one object: one key, that only identity matches (KEY-1)
+    _, seen = _split_while_a_flush_holds(make, nan, nan)
+    delivered = [
+        v for records in (seen.held_out, *seen.later) for value in _values(records, nan) for v in value
+    ]
+    mine = [v for v in delivered if v in ("a", "b")]
+    assert mine == ["a", "b"], f"this thread added a then b; delivered in order {delivered}"
+    assert sorted(delivered) == ["a", "b", "c"][: 2 + seen.split]
+
+
 def _split_by_a_read(agg: Any, failing: dict[str, bool], key: object) -> None:
     """Add ``a`` to ``key`` here and ``b`` in another thread, then read while merges fail.
 
