@@ -135,10 +135,11 @@ def _into_oldest_half(
 ) -> bool:
     """Merge ``pair`` into the oldest orphan of its key, or add it to ``ahead`` if that merge raises.
 
-    Returns whether the key has an orphan.
+    Returns whether the key has an orphan; keys match as in a dict, identity
+    first (a NaN is only itself, KEY-1).
     """
     key, value = pair
-    at = next((index for index, (orphan, _) in enumerate(orphans) if orphan == key), None)
+    at = next((index for index, (orphan, _) in enumerate(orphans) if orphan is key or orphan == key), None)
     if at is None:
         return False
     try:
