@@ -482,6 +482,18 @@ def test_a_nan_key_requeued_after_its_split_stays_in_order(make: Factory) -> Non
     assert sorted(delivered) == ["a", "b", "c"][: 2 + seen.split]
 
 
+@pytest.mark.clause("OUT-1", "FLUSH-5", "FLUSH-2")
+def test_a_split_key_whose_eq_raises_does_not_push_other_requeued_records_past_max_pending(
+    make: Factory,
+) -> None:
+    split_key = EqRaises()  # split while the flush holds "k": every comparison with it raises
+    _, seen = _split_while_a_flush_holds(make, "k", split_key)
+    assert _values(seen.held_out, "k") == [], f"k went past max_pending: {seen.held_out}"
+    later = [record for records in seen.later for record in records]
+    assert _values(later, "k") == [["a"]]
+    assert sorted(v for value in _values(later, split_key) for v in value) == ["b", "c"][: 1 + seen.split]
+
+
 def _split_by_a_read(agg: Any, failing: dict[str, bool], key: object) -> None:
     """Add ``a`` to ``key`` here and ``b`` in another thread, then read while merges fail.
 
