@@ -7,7 +7,7 @@ from typing import Generic, TypeVar, final
 
 from aggregator_reference import kit
 
-from ._parts import _HOME, combine, first_stamps, place
+from ._parts import _HOME, combine, first_stamps, place, same_key
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -106,9 +106,9 @@ def settle_among_orphans(
     the older one (KEY-1). A merge that raises splits the key once more:
     ``on_split`` logs and counts it, and the pair goes ahead of the orphans,
     older first. Returns the pairs whose key has no orphan, to re-queue at
-    home, and ``None``; or, when a key's ``__eq__`` or a ``BaseException``
-    stopped it, no pairs and every pair not settled, ``interrupt`` set for a
-    ``BaseException`` that is not an ``Exception`` (FLUSH-5): deliver them.
+    home, and ``None``; or, when a ``BaseException`` stopped it, no pairs and
+    every pair not settled, ``interrupt`` set if it is not an ``Exception``
+    (FLUSH-5): deliver them.
     """
     rest: list[tuple[K, V]] = []
     ahead: list[tuple[K, V]] = []  # pairs whose merge into their key's half raised
@@ -136,10 +136,11 @@ def _into_oldest_half(
     """Merge ``pair`` into the oldest orphan of its key, or add it to ``ahead`` if that merge raises.
 
     Returns whether the key has an orphan; keys match as in a dict, identity
-    first (a NaN is only itself, KEY-1).
+    first (a NaN is only itself, KEY-1), and a comparison that raises is no
+    match: that pair is re-queued at home like any other.
     """
     key, value = pair
-    at = next((index for index, (orphan, _) in enumerate(orphans) if orphan is key or orphan == key), None)
+    at = next((index for index, (orphan, _) in enumerate(orphans) if same_key(orphan, key)), None)
     if at is None:
         return False
     try:
