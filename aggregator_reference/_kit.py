@@ -282,10 +282,15 @@ def lookup(data: Mapping[K, V], transit: Iterable[Mapping[K, V]], key: K, defaul
 
 
 def visible_records(data: Mapping[K, V], transit: Iterable[Mapping[K, V]]) -> dict[K, V]:
-    """Detached chunks overlaid by the live ``data`` (the buffered value wins)."""
+    """Detached chunks overlaid by the live ``data`` (the buffered value wins).
+
+    A chunk that is not a ``dict`` is read through its ``items()``, not looked
+    up again key by key: a storage's own mapping may yield its pairs there, so
+    that a NaN key (only itself) or a key whose ``__eq__`` raises is shown too.
+    """
     result: dict[K, V] = {}
     for chunk in transit:
-        result.update(chunk)
+        result.update(chunk if isinstance(chunk, dict) else chunk.items())
     result.update(data)
     return result
 

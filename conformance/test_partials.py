@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -343,18 +344,59 @@ class _HoldIn(logging.Handler):
             self.go.wait(30)
 
 
-@pytest.mark.clause("FLUSH-6", "ADD-5", "FLUSH-2")
-def test_a_split_made_during_a_flush_comes_out_after_the_record_that_flush_requeues(
-    make: Factory,
-) -> None:
+class EqRaises:
+    """A key that hashes fine but whose ``__eq__`` raises: a dict finds it by identity only."""
+
+    def __hash__(self) -> int:
+        return 1
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("EqRaises.__eq__")
+
+    def __repr__(self) -> str:
+        return "EqRaises()"
+
+
+@dataclass
+class _HeldFlush:
+    """What :func:`_split_while_a_flush_holds` saw."""
+
+    split: bool  # the backend keeps per-thread partials: the read split the key
+    failed: int  # merges that raised from the flush's start to its end
+    held_out: list[tuple[Any, Any]]  # the output right after that flush
+    later: list[list[tuple[Any, Any]]]  # what each later flush delivered, in order
+
+
+def _values(records: list[tuple[Any, Any]], key: object) -> list[list[str]]:
+    """The values of ``key``'s records, matched as a dict would (identity first)."""
+    return [
+        value for stored, value in records if type(stored) is type(key) and (stored is key or stored == key)
+    ]
+
+
+def _split_while_a_flush_holds(
+    make: Factory, key: object, split_key: object, *, fail_requeue: bool = False
+) -> tuple[Any, _HeldFlush]:
+    """A flush holds ``key: ["a"]`` (the output is full: it re-queues it) while a read splits ``split_key``.
+
+    Meanwhile this thread adds ``b`` and another thread ``c`` to ``split_key``,
+    and a read runs while merges raise: a backend with per-thread partials
+    splits it there (FLUSH-6). The flush is held inside a log call: it logs
+    when it delivers an older split half past ``max_pending``, made beforehand
+    for that. A backend with one record per key splits nothing, and gets ``b``
+    after the flush. With ``fail_requeue``, merges still raise while the flush
+    re-queues ``a``.
+    """
     failing = {"on": False}
+    failed = [0]
 
     def merge(stored: list[str], incoming: list[str]) -> list[str]:
         if failing["on"]:
+            failed[0] += 1
             raise ValueError("cannot combine")
         return stored + incoming
 
-    def add_refusable(pool: ThreadPoolExecutor, key: str, value: list[str]) -> None:
+    def add_refusable(pool: ThreadPoolExecutor, key: object, value: list[str]) -> None:
         try:
             pool.submit(agg.add, key, value).result(30)
         except ValueError:
@@ -372,18 +414,19 @@ def test_a_split_made_during_a_flush_comes_out_after_the_record_that_flush_reque
         agg.snapshot()  # a backend with partials splits x here: x1 waits to go out first
         failing["on"] = False
         split = agg.stats().flush_errors > 0
-        agg.add("k", ["a"])  # this thread's oldest value of k
+        agg.add(key, ["a"])  # this thread's oldest value of key
+        failed[0] = 0
         ar_logger.addHandler(hold)
         try:
             flusher = threading.Thread(target=agg.flush, name="flusher-under-test", daemon=True)
-            flusher.start()  # takes k:a out, delivers x1 past max_pending (logged), then re-queues k:a
+            flusher.start()  # takes key:a out, delivers x1 past max_pending (logged), then re-queues key:a
             if split:
                 assert hold.inside.wait(30), "the flush logged nothing about the split it delivers"
-                agg.add("k", ["b"])  # newer than a, from the same thread
-                add_refusable(other, "k", ["c"])
+                agg.add(split_key, ["b"])  # newer than a, from the same thread
+                add_refusable(other, split_key, ["c"])
                 failing["on"] = True
-                agg.snapshot()  # splits k while the flush still holds k:a: b goes out on its own
-                failing["on"] = False
+                agg.snapshot()  # splits split_key while the flush still holds key:a
+                failing["on"] = fail_requeue
             hold.go.set()
             flusher.join(30)
             assert not flusher.is_alive(), "the flush did not return"
@@ -392,12 +435,22 @@ def test_a_split_made_during_a_flush_comes_out_after_the_record_that_flush_reque
             hold.go.set()
             failing["on"] = False
         if not split:
-            agg.add("k", ["b"])
-    delivered = []
+            agg.add(split_key, ["b"])
+    outcome = _HeldFlush(split, failed[0], agg.drain(), [])
     while agg.pending or len(agg):
-        delivered += [v for key, value in agg.drain() if key == "k" for v in value]
         agg.flush()
-    delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+        outcome.later.append(agg.drain())
+    return agg, outcome
+
+
+@pytest.mark.clause("FLUSH-6", "ADD-5", "FLUSH-2")
+def test_a_split_made_during_a_flush_comes_out_after_the_record_that_flush_requeues(
+    make: Factory,
+) -> None:
+    _, seen = _split_while_a_flush_holds(make, "k", "k")
+    delivered = [
+        v for records in (seen.held_out, *seen.later) for value in _values(records, "k") for v in value
+    ]
     mine = [v for v in delivered if v in ("a", "b")]
     assert mine == ["a", "b"], f"this thread added a then b; delivered in order {delivered}"
 
@@ -536,3 +589,109 @@ def test_the_only_writer_merges_into_its_key_after_a_read_gave_up_on_it(make: Fa
     writer.join(30)
     assert results == [False, True, True]
     assert shutdown_collecting(agg) == {"k": 3}
+
+
+@pytest.mark.clause("FLUSH-2", "FLUSH-6", "CLOSE-5", "STAT-1")
+@pytest.mark.parametrize("fail_requeue", [False, True], ids=["merges", "merge-raises"])
+def test_a_record_requeued_after_its_key_split_merges_into_the_older_half(
+    make: Factory, caplog: pytest.LogCaptureFixture, fail_requeue: bool
+) -> None:
+    agg, seen = _split_while_a_flush_holds(make, "k", "k", fail_requeue=fail_requeue)
+    records = [value for flushed in (seen.held_out, *seen.later) for value in _values(flushed, "k")]
+    # Each record of k beyond the first is a merge that raised: the flush re-queues a into newer
+    # data of k (FLUSH-2), here the older half of the split, unless that merge raises too.
+    assert len(records) <= 1 + seen.failed, f"{seen.failed} merge(s) raised, k delivered as {records}"
+    assert sorted(v for value in records for v in value) == ["a", "b", "c"][: 2 + seen.split]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert agg.stats().flush_errors == len(errors), [r.getMessage() for r in errors]
+
+
+@pytest.mark.clause("KEY-1", "ADD-5", "FLUSH-6")
+def test_a_nan_key_requeued_after_its_split_stays_in_order(make: Factory) -> None:
+    nan = float("nan")  # one object: one key, that only identity matches (KEY-1)
+    _, seen = _split_while_a_flush_holds(make, nan, nan)
+    delivered = [
+        v for records in (seen.held_out, *seen.later) for value in _values(records, nan) for v in value
+    ]
+    mine = [v for v in delivered if v in ("a", "b")]
+    assert mine == ["a", "b"], f"this thread added a then b; delivered in order {delivered}"
+    assert sorted(delivered) == ["a", "b", "c"][: 2 + seen.split]
+
+
+@pytest.mark.clause("OUT-1", "FLUSH-5", "FLUSH-2")
+def test_a_split_key_whose_eq_raises_does_not_push_other_requeued_records_past_max_pending(
+    make: Factory,
+) -> None:
+    split_key = EqRaises()  # split while the flush holds "k": every comparison with it raises
+    _, seen = _split_while_a_flush_holds(make, "k", split_key)
+    assert _values(seen.held_out, "k") == [], f"k went past max_pending: {seen.held_out}"
+    later = [record for records in seen.later for record in records]
+    assert _values(later, "k") == [["a"]]
+    assert sorted(v for value in _values(later, split_key) for v in value) == ["b", "c"][: 1 + seen.split]
+
+
+def _split_by_a_read(agg: Any, failing: dict[str, bool], key: object) -> None:
+    """Add ``a`` to ``key`` here and ``b`` in another thread, then read while merges fail.
+
+    A backend with per-thread partials splits the key's record in two there (FLUSH-6);
+    one with a record per key merged ``b`` in ``add`` already.
+    """
+    agg.add(key, ["a"])
+    with ThreadPoolExecutor(1) as other:
+        other.submit(agg.add, key, ["b"]).result(30)
+    failing["on"] = True
+    try:
+        agg.snapshot()
+    finally:
+        failing["on"] = False
+
+
+@pytest.mark.clause("READ-1", "READ-2", "KEY-1")
+def test_reads_after_a_nan_key_split_show_it(make: Factory) -> None:
+    failing = {"on": False}
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if failing["on"]:
+            raise ValueError("cannot combine")
+        return stored + incoming
+
+    agg = make(merge)
+    nan = float("nan")  # one object: one key, that only a dict's identity check finds
+    _split_by_a_read(agg, failing, nan)
+    failing["on"] = True  # no read may need a merge to show what is buffered
+    try:
+        snap = agg.snapshot()
+        found = agg.get(nan)
+        count = len(agg)
+    finally:
+        failing["on"] = False
+    assert [key is nan for key in snap] == [True], snap
+    assert snap[nan] in (["a"], ["b"], ["a", "b"]), snap
+    assert found in (["a"], ["b"], ["a", "b"]), found
+    assert count == 1
+    assert sorted(shutdown_collecting(agg, concat)[nan]) == ["a", "b"]
+
+
+@pytest.mark.clause("READ-1", "READ-2")
+def test_reads_after_a_split_of_a_key_whose_eq_raises_show_every_key(make: Factory) -> None:
+    failing = {"on": False}
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if failing["on"]:
+            raise ValueError("cannot combine")
+        return stored + incoming
+
+    agg = make(merge)
+    key = EqRaises()
+    agg.add("good", ["g"])
+    _split_by_a_read(agg, failing, key)
+    snap = agg.snapshot()
+    assert sorted(map(repr, snap)) == ["'good'", "EqRaises()"], snap
+    assert snap["good"] == ["g"]
+    assert snap[key] in (["a"], ["b"], ["a", "b"]), snap
+    assert agg.get("good") == ["g"]
+    assert agg.get("missing", "none") == "none"
+    assert agg.get(key) in (["a"], ["b"], ["a", "b"])
+    delivered = shutdown_collecting(agg, concat)
+    assert delivered["good"] == ["g"]
+    assert sorted(delivered[key]) == ["a", "b"]

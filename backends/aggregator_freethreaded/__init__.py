@@ -36,7 +36,7 @@ from aggregator_reference import kit
 
 __all__ = ["FREE_THREADED_BUILD", "FreeThreadedAggregator", "FreeThreadedStorage"]
 
-from ._gathering import Gathering, ahead_of_orphans
+from ._gathering import Gathering, settle_among_orphans
 from ._parts import (
     _FROM_HOME,
     FREE_THREADED_BUILD,
@@ -388,15 +388,12 @@ class FreeThreadedStorage(Generic[K, V]):
         """Put ``leftover`` back at home, older first, remembering each record's key object.
 
         A record whose key split while this flush held it (a read's gather put
-        newer halves among the orphans) goes ahead of those orphans instead:
-        older first (FLUSH-6).
+        newer halves among the orphans) merges into the oldest of those halves
+        instead, or, if that merge raises, goes ahead of them: older first (FLUSH-6).
         """
         if self._orphans:
-            try:
-                leftover = ahead_of_orphans(leftover, self._orphans)
-            except BaseException as exc:  # from a key's __eq__: deliver them all, run nothing more
-                stopped: kit.Unsettled[K, V] = kit.Unsettled(leftover)
-                stopped.interrupt = exc if not isinstance(exc, Exception) else None
+            leftover, stopped = settle_among_orphans(leftover, self._orphans, self._merge, self._log_split)
+            if stopped is not None:  # deliver them, run nothing more
                 return stopped
         home, keys = self._home, self._home_keys
         failed = kit.requeue_into(home, leftover, self._merge)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar, final
 
-from ._parts import _HOME, combine, first_stamps, place
+from aggregator_reference import kit
+
+from ._parts import _HOME, combine, first_stamps, place, same_key
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -109,19 +111,60 @@ class Gathering(Generic[K, V]):
         return self.gathered
 
 
-def ahead_of_orphans(leftover: list[tuple[K, V]], orphans: list[tuple[K, V]]) -> list[tuple[K, V]]:
-    """Move the pairs of ``leftover`` whose key is among ``orphans`` to their front; return the rest.
+def settle_among_orphans(
+    leftover: list[tuple[K, V]],
+    orphans: list[tuple[K, V]],
+    merge: Callable[[V, V], V],
+    on_split: Callable[[object], None],
+) -> tuple[list[tuple[K, V]], kit.Unsettled[K, V] | None]:
+    """Merge each pair of ``leftover`` into the oldest orphan of its key; return the others.
 
-    For a flush's re-queue: orphans made meanwhile are newer than what it
-    held (FLUSH-6, older first). Compares keys with ``==`` only (they may not hash).
+    For a flush's re-queue: orphans made meanwhile (a read split the key,
+    FLUSH-6) are newer than what the flush held, so ``merge(leftover, half)``
+    takes the oldest half's place (FLUSH-2), under the leftover's key object,
+    the older one (KEY-1). A merge that raises splits the key once more:
+    ``on_split`` logs and counts it, and the pair goes ahead of the orphans,
+    older first. Returns the pairs whose key has no orphan, to re-queue at
+    home, and ``None``; or, when a ``BaseException`` stopped it, no pairs and
+    every pair not settled, ``interrupt`` set if it is not an ``Exception``
+    (FLUSH-5): deliver them.
     """
-
-    def split_meanwhile(key: K) -> bool:
-        return any(orphan == key for orphan, _ in orphans)
-
-    ahead = [pair for pair in leftover if split_meanwhile(pair[0])]
-    if not ahead:
-        return leftover
+    rest: list[tuple[K, V]] = []
+    ahead: list[tuple[K, V]] = []  # pairs whose merge into their key's half raised
+    for index, pair in enumerate(leftover):
+        try:
+            settled = _into_oldest_half(pair, orphans, merge, on_split, ahead)
+        except BaseException as exc:  # nothing more runs: what is not settled is delivered
+            orphans[:0] = ahead
+            stopped: kit.Unsettled[K, V] = kit.Unsettled([*rest, *leftover[index:]])
+            stopped.interrupt = None if isinstance(exc, Exception) else exc
+            return [], stopped
+        if not settled:
+            rest.append(pair)
     orphans[:0] = ahead
-    moved = {id(pair) for pair in ahead}
-    return [pair for pair in leftover if id(pair) not in moved]
+    return rest, None
+
+
+def _into_oldest_half(
+    pair: tuple[K, V],
+    orphans: list[tuple[K, V]],
+    merge: Callable[[V, V], V],
+    on_split: Callable[[object], None],
+    ahead: list[tuple[K, V]],
+) -> bool:
+    """Merge ``pair`` into the oldest orphan of its key, or add it to ``ahead`` if that merge raises.
+
+    Returns whether the key has an orphan; keys match as in a dict, identity
+    first (a NaN is only itself, KEY-1), and a comparison that raises is no
+    match: that pair is re-queued at home like any other.
+    """
+    key, value = pair
+    at = next((index for index, (orphan, _) in enumerate(orphans) if same_key(orphan, key)), None)
+    if at is None:
+        return False
+    try:
+        orphans[at] = (key, merge(value, orphans[at][1]))
+    except Exception:
+        on_split(key)
+        ahead.append(pair)
+    return True

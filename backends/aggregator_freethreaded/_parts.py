@@ -61,14 +61,19 @@ class Buffer(Generic[K, V]):
 
 @final
 class Pairs(Mapping[K, V]):
-    """Records kept as pairs, for keys that may not hash: iterating never hashes a key."""
+    """Records kept as pairs, for keys that may not hash: iterating never hashes a key.
+
+    A key is found as a dict finds it (KEY-1): by identity first (a NaN is
+    itself), then by ``==``; a key whose ``__eq__`` raises matches nothing but
+    itself, so one such key never breaks a look-up of another.
+    """
 
     def __init__(self, pairs: list[tuple[K, V]]) -> None:
         self._pairs = pairs
 
     def __getitem__(self, key: K) -> V:
         for stored, value in self._pairs:
-            if stored == key:
+            if same_key(stored, key):
                 return value
         raise KeyError(key)
 
@@ -80,6 +85,16 @@ class Pairs(Mapping[K, V]):
 
     def items(self) -> Any:
         return list(self._pairs)
+
+
+def same_key(stored: object, key: object) -> bool:
+    """Whether ``key`` is ``stored`` as a dict would tell (KEY-1); a comparison that raises says no."""
+    if stored is key:
+        return True
+    try:
+        return bool(stored == key)
+    except Exception:
+        return False
 
 
 def wait_until_idle(buffer: Buffer[Any, Any], deadline: float | None) -> bool:
