@@ -324,3 +324,43 @@ def test_cancelling_async_consumers_at_any_point_loses_nothing(backend_name: str
     keys = [key for key, _ in received + rest]
     total = sum(new for new, _, _ in plan)
     assert sorted(keys) == list(range(total)), f"received {received}, left {rest}"
+
+
+@pytest.mark.clause("OUT-6", "FLUSH-1")
+def test_a_flush_after_a_consumers_loop_was_closed_still_works(make: Factory) -> None:
+    # A loop closed while its consumer still waited (not cancelled: loop.close() without
+    # asyncio.run's clean-up) must not break the flushes that would wake it.
+    agg = make(max_pending=100)
+    loop = asyncio.new_event_loop()
+
+    async def consume() -> None:
+        async for _ in agg.arecords():
+            pass
+
+    task = loop.create_task(consume())
+    loop.run_until_complete(asyncio.sleep(0.05))  # the consumer now waits on a future
+    loop.close()
+    fill(agg, range(3))  # wakes it: its loop is closed
+    assert sorted(agg.drain()) == [(0, 1), (1, 1), (2, 1)]
+    task._log_destroy_pending = False  # type: ignore[attr-defined]  # it is, on purpose
+
+
+@pytest.mark.clause("OUT-5")
+def test_max_wait_counts_from_the_oldest_record_still_waiting(make: Factory) -> None:
+    agg = make(max_pending=100)
+    fill(agg, range(3))
+    fill(agg, range(3, 6))  # two flushes: two arrivals, both taken by the one drain below
+    time.sleep(1.0)
+    assert len(agg.drain()) == 6  # the old records are gone: the next batch waits afresh
+    fill(agg, range(6, 8))
+    got: list[Any] = []
+    consumer = threading.Thread(
+        target=lambda: got.extend(agg.batches(max_size=100, max_wait=1.2)), daemon=True
+    )
+    consumer.start()
+    time.sleep(0.6)  # due 1.2 s after the new records arrived; 0.2 s if timed from the old ones
+    assert got == [], "a batch went out before its oldest record had waited max_wait"
+    agg.shutdown()
+    consumer.join(10)
+    assert not consumer.is_alive()
+    assert [sorted(batch) for batch in got] == [[(6, 1), (7, 1)]]
