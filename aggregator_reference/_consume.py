@@ -134,7 +134,10 @@ class Consuming(Generic[K, V]):
             if isinstance(batch, list):
                 yield batch
                 continue
-            await _wait(output, loop, max_size, None if batch == float("inf") else batch)
+            if batch == float("inf"):  # empty: any arrival starts the batch's max_wait
+                await _wait(output, loop, 1, None)
+            else:
+                await _wait(output, loop, max_size, batch)
 
     async def ashutdown(self, timeout: float | None = None) -> None:
         """``shutdown()`` for an event loop: it runs in the loop's default executor.
