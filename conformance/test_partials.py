@@ -486,15 +486,21 @@ class InterruptingHash:
 
 
 @pytest.mark.clause("ADD-5", "FLUSH-2", "FLUSH-5", "REENTRY-1")
-@pytest.mark.parametrize("stop", ["read from another merge gives up", "interrupt while placing"])
+@pytest.mark.parametrize(
+    "stop", ["read from another merge gives up", "interrupt while placing", "interrupt while combining"]
+)
 def test_a_read_that_stops_half_way_keeps_each_threads_order(make: Factory, stop: str) -> None:
     hold = threading.Event()
     held = threading.Event()
+    trip = {"on": False}
 
     def merge(stored: list[str], incoming: list[str]) -> list[str]:
         if incoming == ["u2"]:
             held.set()
             hold.wait(30)  # another writer's add stays in flight
+        if trip["on"] and stored[:1] == ["ma"]:
+            trip["on"] = False
+            raise Interrupt  # while another key's pieces wait to be combined
         return stored + incoming
 
     agg = make(merge, max_pending=1)
@@ -503,17 +509,25 @@ def test_a_read_that_stops_half_way_keeps_each_threads_order(make: Factory, stop
     agg.flush()  # the output is full: the next flush re-queues everything
     agg.add(slow, ["s"])
     agg.add("k", ["a"])  # this thread's oldest value of k
+    agg.add("m", ["ma"])
     slow.armed = True
     flusher = threading.Thread(target=agg.flush, name="flusher-under-test", daemon=True)
     flusher.start()  # re-queues slow, then k:a; hashing slow takes a while
-    if slow.sleeping.wait(10):
-        agg.add("k", ["b"])  # while k:a is out: a piece of its own, newer than a
-    else:
-        agg.add("k", ["b"])  # a backend that hashes elsewhere: just the next value
+    slow.sleeping.wait(10)  # a backend that hashes elsewhere: these are just the next values
+    agg.add("k", ["b"])  # while k:a is out: a piece of its own, newer than a
+    agg.add("m", ["mb"])
     flusher.join(30)
     assert not flusher.is_alive()
     with ThreadPoolExecutor(1) as other:
-        if stop == "interrupt while placing":
+        if stop == "interrupt while combining":
+            trip["on"] = True
+            try:
+                agg.snapshot()  # combining m's pieces raises; k's were not combined yet
+            except Interrupt:
+                pass
+            trip["on"] = False
+            assert agg.add("k", ["c"]) is True, "k is buffered: the only writer's add merges (ADD-2)"
+        elif stop == "interrupt while placing":
             bad = InterruptingHash()
             other.submit(agg.add, bad, ["x"]).result(30)
             InterruptingHash.armed = True
@@ -546,7 +560,8 @@ def test_a_read_that_stops_half_way_keeps_each_threads_order(make: Factory, stop
         delivered += [v for key, value in agg.drain() if key == "k" for v in value]
         agg.flush()
     delivered += [v for key, value in agg.drain() if key == "k" for v in value]
-    assert delivered == ["a", "b"], f"this thread added a then b; delivered in order {delivered}"
+    expected = ["a", "b", "c"] if stop == "interrupt while combining" else ["a", "b"]
+    assert delivered == expected, f"this thread added {expected}; delivered in order {delivered}"
 
 
 @pytest.mark.clause("ADD-1", "ADD-2", "REENTRY-1")
