@@ -307,20 +307,21 @@ class FreeThreadedStorage(Generic[K, V]):
                             kept.append(buffer)
                         else:
                             merges, stored = merges + buffer.merges, stored + buffer.stored
-            except BaseException:  # nothing placed yet: every state goes back, in order
+                gathering = Gathering(self._home, self._home_keys, self._log_split)
+                gathering.place([state for _, states in taken for state in states])
+            except BaseException:  # no merge ran, nothing changed: every state goes back, in order
                 for buffer, states in taken:
                     buffer.stranded[:0] = states
                 raise
-            gathering = Gathering(self._home, self._home_keys, self._orphans, self._log_split)
             self._home, self._home_keys, self._taken_home = {}, {}, set()
-            try:
-                gathering.take([state for _, states in taken for state in states])
-                gathered = gathering.combined(self._merge)
-            except BaseException:
-                self._home_at(gathering.abandon())
-                raise
             self._accounts = (tuple(kept), (merges, stored))
-            return gathered
+            orphans = self._orphans
+            orphans.extend(gathering.split)
+            try:
+                return gathering.combined(self._merge, orphans)
+            except BaseException:
+                self._home_at(gathering.abandon(orphans))
+                raise
 
         return self._with_own_merging(me, gather)
 

@@ -22,93 +22,118 @@ class Gathering(Generic[K, V]):
 
     The order of a key's pieces (ADD-5, KEY-1): home's record (re-queued or
     read, older than any partial), the piece an add took from home, then the
-    partials in the order of their first add. Nothing is lost when it stops
-    half way: :meth:`abandon` sends every piece not combined to the orphans, in
-    order, and returns what was gathered. Used by one thread, with the
-    storage's ``_shared`` held.
+    partials in the order of their first add. Placing runs no ``merge`` and
+    works on copies: when it raises, nothing has changed and the caller puts
+    what it took back. Combining runs ``merge``: when it stops half way,
+    :meth:`abandon` keeps each key's newest piece in what was gathered and
+    sends its older pieces to the orphans, oldest first, so that they go out
+    ahead of it. Used by one thread, with the storage's ``_shared`` held.
     """
 
-    def __init__(
-        self,
-        home: dict[K, V],
-        home_keys: dict[K, K],
-        orphans: list[tuple[K, V]],
-        on_error: Callable[[object], None],
-    ) -> None:
-        self.gathered = home
+    def __init__(self, home: dict[K, V], home_keys: dict[K, K], on_error: Callable[[object], None]) -> None:
+        self.gathered = dict(home)  # a copy (no key is hashed): home stays as it was until the end
         self._home_keys = home_keys
-        self._orphans = orphans
         self._on_error = on_error
+        #: Records whose key's hash raised an ``Exception`` while placed: logged, records of their own.
+        self.split: list[tuple[K, V]] = []
         self._firsts: dict[K, tuple[int, K]] | None = None  # stamp and key object of each gathered record
         self._adopted: list[int] | None = None  # the stamps of a buffer's dict adopted whole
         self._extra: dict[K, list[Piece[K, V]]] = {}  # pieces of keys found twice
-        self._unplaced: list[tuple[dict[K, V], list[int]]] = []  # taken, not yet placed
         self._combining: list[list[Piece[K, V]]] = []  # pieces out of extra and gathered
+        self._unjoined: list[Piece[K, V]] | None = None  # out of extra, not yet joined
 
-    def take(self, states: list[tuple[dict[K, V], list[int]]]) -> None:
-        """Place the states taken (records and their stamps); one buffer's oldest first."""
-        unplaced = self._unplaced = states
-        while unplaced:
-            if not unplaced[0][0]:
-                unplaced.pop(0)  # nothing to place: no key needs hashing for it
-                continue
+    def place(self, states: list[tuple[dict[K, V], list[int]]]) -> None:
+        """Place the states taken (records and their stamps), one buffer's oldest first; no merge runs."""
+        for records, order in states:
+            if not records:
+                continue  # nothing to place: no key needs hashing for it
             if not self.gathered:
-                self.gathered, self._adopted = unplaced.pop(0)  # nothing older: adopt it
+                self.gathered, self._adopted = dict(records), order  # nothing older: adopt a copy
                 continue
             if self._firsts is None:
                 self._firsts = first_stamps(self.gathered, self._adopted, self._home_keys)
-            records, order = unplaced.pop(0)
             place(
                 self.gathered,
                 self._firsts,
                 self._extra,
                 records,
                 order,
-                orphans=self._orphans,
+                orphans=self.split,
                 on_error=self._on_error,
             )
 
-    def _join(self) -> list[list[Piece[K, V]]]:
-        """Move the gathered record of each key found more than once into that key's pieces."""
-        gathered, firsts = self.gathered, self._firsts
-        self._combining = combining = list(self._extra.values())
-        self._extra.clear()
-        for pieces in combining:
-            key = pieces[0][2]
-            stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
-            pieces.append((stamp, -1, first, gathered.pop(key)))
-        return combining
+    def _join_one(self, pieces: list[Piece[K, V]]) -> None:
+        """Move the gathered record of the key of ``pieces`` into them; nothing changes if it raises."""
+        key = pieces[0][2]
+        firsts = self._firsts
+        stamp, first = firsts.get(key, (_HOME, key)) if firsts is not None else (_HOME, key)
+        pieces.append((stamp, -1, first, self.gathered.pop(key)))
+        self._combining.append(pieces)
 
-    def combined(self, merge: Callable[[V, V], V]) -> dict[K, V]:
-        """Combine the pieces of every key found more than once; return every record."""
+    def _join(self) -> list[list[Piece[K, V]]]:
+        """Join every key found more than once with its gathered record (hashing each key)."""
+        extra = self._extra
+        while extra:
+            _, pieces = extra.popitem()  # no hash: a key whose hash fails now stays out of extra
+            self._unjoined = pieces
+            self._join_one(pieces)
+            self._unjoined = None
+        return self._combining
+
+    def combined(self, merge: Callable[[V, V], V], orphans: list[tuple[K, V]]) -> dict[K, V]:
+        """Combine the pieces of every key found more than once; return every record.
+
+        A ``merge`` that raises splits a key's record into ``orphans`` (FLUSH-6).
+        """
         gathered = self.gathered
         combining = self._join()
-        while combining:  # combine() orphans its own pieces if interrupted
-            first, record = combine(combining.pop(), merge, self._orphans, self._on_error)
+        while combining:
+            pieces = combining.pop()
+            try:
+                first, record = combine(pieces, merge, orphans, self._on_error)
+            except BaseException:  # combine() orphaned every piece, in order: the newest stays home
+                _home_newest(gathered, orphans)
+                raise
             try:
                 gathered[first] = record
             except Exception:  # its hash failed now: a record of its own
-                self._orphans.append((first, record))
+                orphans.append((first, record))
+            except BaseException:
+                orphans.append((first, record))
+                raise
         return gathered
 
-    def abandon(self) -> dict[K, V]:
-        """After an exception: pieces not combined go to the orphans in order; return what was gathered.
+    def abandon(self, orphans: list[tuple[K, V]]) -> dict[K, V]:
+        """After combining stopped: each key not combined keeps its newest piece; return what was gathered.
 
-        A key's pieces go out with its oldest, the gathered record, ahead of
-        them (older first): only a key whose own hash fails now keeps that one
-        home, the next flush's orphans going first.
+        A key whose own hash fails now cannot be joined with its gathered
+        (older) record: its newer pieces go to the orphans (FLUSH-5 exempts it).
         """
-        for records, _ in self._unplaced:
-            self._orphans.extend(records.items())
-        if self._extra:
+        waiting = list(self._extra.values())
+        if self._unjoined is not None:
+            waiting.append(self._unjoined)
+        self._extra.clear()
+        for pieces in waiting:
             try:
-                self._join()
-            except BaseException:  # a key's hash failed: the keys before it are joined
-                pass
+                self._join_one(pieces)
+            except BaseException:
+                pieces.sort(key=lambda piece: piece[:2])
+                orphans.extend((piece[2], piece[3]) for piece in pieces)
         for pieces in self._combining:
             pieces.sort(key=lambda piece: piece[:2])
-            self._orphans.extend((piece[2], piece[3]) for piece in pieces)
+            first = pieces[0][2]
+            orphans.extend((first, piece[3]) for piece in pieces)
+            _home_newest(self.gathered, orphans)
         return self.gathered
+
+
+def _home_newest(gathered: dict[K, V], orphans: list[tuple[K, V]]) -> None:
+    """Move the last orphan (a key's newest piece) back into ``gathered``, if its key hashes now."""
+    key, newest = orphans.pop()
+    try:
+        gathered[key] = newest
+    except BaseException:  # its hash fails: it stays an orphan, last
+        orphans.append((key, newest))
 
 
 def settle_among_orphans(

@@ -186,9 +186,6 @@ def place(
         except Exception:  # its __hash__/__eq__ raised: a record of its own
             on_error(key)
             orphans.append((key, value))
-        except BaseException:
-            orphans.extend(pairs[index:])
-            raise
 
 
 def take(
