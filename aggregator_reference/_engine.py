@@ -203,7 +203,8 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
         self._output.force(failed)
         if getattr(failed, "counted", False):  # the storage logged and counted the cause already
             logger.warning(
-                "%s: %d record(s) split by a failed merge delivered past max_pending",
+                "%s: %d record(s) kept apart by the storage (a merge or a gather that raised) "
+                "delivered past max_pending",
                 type(self).__name__,
                 len(failed),
             )
