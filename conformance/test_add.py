@@ -232,10 +232,12 @@ def test_one_writer_with_the_periodic_flusher_and_a_full_output(make: Factory) -
     assert agg.stats().requeued > 0
     assert stats.stored == 1 + stored_anew
     # With the GIL, a tick detaches for microseconds out of every 5 ms and an add lands in
-    # that window only at a thread switch: re-storing keys at every tick is a bug. Without
-    # it the writer runs beside the flusher, and adds in the window are legitimately new.
+    # that window only at a thread switch: re-storing every key at every tick (5 per tick)
+    # is a bug. A loaded machine may deschedule the flusher inside that window, so allow
+    # up to one per tick. Without the GIL the writer runs beside the flusher, and adds in
+    # the window are legitimately new.
     if ar.gil_enabled():
-        assert stored_anew <= 5 + stats.flushes // 4, (stored_anew, stats.flushes)
+        assert stored_anew <= 5 + stats.flushes, (stored_anew, stats.flushes)
 
 
 @pytest.mark.clause("KEY-1")

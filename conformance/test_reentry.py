@@ -159,7 +159,7 @@ CALLS_WHILE_A_FLUSH_WAITS: dict[str, Callable[[Any], Any]] = {
 def test_calls_from_merge_while_another_flush_waits_for_it(make: Factory, call: str, periodic: bool) -> None:
     # The merge holds whatever its add holds while a flush in another thread waits
     # for it; then the merge calls back. That must answer or raise, never deadlock.
-    in_merge, go = threading.Event(), threading.Event()
+    in_merge, go, answered = threading.Event(), threading.Event(), threading.Event()
     outcome: list[Any] = []
     holder: dict[str, Any] = {}
 
@@ -174,6 +174,7 @@ def test_calls_from_merge_while_another_flush_waits_for_it(make: Factory, call: 
                 outcome.append(CALLS_WHILE_A_FLUSH_WAITS[call](holder["agg"]))
             except ar.ReentrantMergeError:
                 outcome.append("refused")
+            answered.set()
         return stored + incoming
 
     agg = holder["agg"] = make(merge, flush_interval=0.002 if periodic else None, max_pending=1)
@@ -194,6 +195,7 @@ def test_calls_from_merge_while_another_flush_waits_for_it(make: Factory, call: 
         time.sleep(0.1)  # let the flush reach the record that merge holds
         go.set()
         result = run_with_timeout(lambda: adding.result(20))
+    assert answered.wait(20), "the call from merge never returned"  # a tick's merge may run it
     if flusher is not None:
         flusher.join(20)
         assert not flusher.is_alive(), "deadlock: the flush never finished"
