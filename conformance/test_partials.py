@@ -710,3 +710,58 @@ def test_reads_after_a_split_of_a_key_whose_eq_raises_show_every_key(make: Facto
     delivered = shutdown_collecting(agg, concat)
     assert delivered["good"] == ["g"]
     assert sorted(delivered[key]) == ["a", "b"]
+
+
+@pytest.mark.clause("ADD-1", "ADD-2", "READ-2")
+def test_the_only_writer_adding_during_a_reads_combine_merges(make: Factory) -> None:
+    # One writer thread; a read (another thread, not a writer) combines the key's pieces
+    # and, inside that merge, lets the writer add the key again. The key is buffered all
+    # along, so that add merges (True) once the read is done, whatever it waited for.
+    writer_adds = threading.Event()
+    writer_done = threading.Event()
+    in_read = {"on": False}
+    results: list[bool] = []
+
+    def merge(stored: list[str], incoming: list[str]) -> list[str]:
+        if in_read["on"] and threading.current_thread().name == "reader-under-test":
+            in_read["on"] = False
+            writer_adds.set()
+            writer_done.wait(0.5)  # the writer's add may have to wait for this read: bounded
+        return stored + incoming
+
+    agg = make(merge, max_pending=1)
+    slow = SlowHash("slow", "flusher-under-test")
+    with ThreadPoolExecutor(1, thread_name_prefix="only-writer") as writer:
+        writer.submit(agg.add, "fill", ["f"]).result(30)
+        agg.flush()  # the output is full: the next flush re-queues everything
+        writer.submit(agg.add, slow, ["s"]).result(30)
+        writer.submit(agg.add, "k", ["a"]).result(30)
+        slow.armed = True
+        flusher = threading.Thread(target=agg.flush, name="flusher-under-test", daemon=True)
+        flusher.start()  # re-queues slow, then k:a; hashing slow takes a while
+        slow.sleeping.wait(10)
+        writer.submit(agg.add, "k", ["b"]).result(30)  # k:a is out: a piece of its own
+        flusher.join(30)
+        assert not flusher.is_alive()
+
+        def add_when_asked() -> None:
+            assert writer_adds.wait(30)
+            results.append(agg.add("k", ["c"]))
+            writer_done.set()
+
+        adding = writer.submit(add_when_asked)
+        in_read["on"] = True
+        reader = threading.Thread(target=agg.snapshot, name="reader-under-test", daemon=True)
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive()
+        in_read["on"] = False
+        writer_adds.set()  # a backend that ran no merge in the read: the add comes now
+        adding.result(30)
+    assert results == [True], "k was buffered all along: the only writer's add merges (ADD-2)"
+    delivered: list[str] = []
+    while agg.pending or len(agg):
+        delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+        agg.flush()
+    delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+    assert delivered == ["a", "b", "c"]
