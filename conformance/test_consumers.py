@@ -364,3 +364,24 @@ def test_max_wait_counts_from_the_oldest_record_still_waiting(make: Factory) -> 
     consumer.join(10)
     assert not consumer.is_alive()
     assert [sorted(batch) for batch in got] == [[(6, 1), (7, 1)]]
+
+
+@pytest.mark.clause("OUT-6", "OUT-2")
+def test_cancelling_one_waiting_consumer_leaves_the_others_waiting(make: Factory) -> None:
+    agg = make()
+
+    async def main() -> Any:
+        async def take() -> Any:
+            async for record in agg.arecords():
+                return record
+            return None
+
+        first = asyncio.ensure_future(take())
+        second = asyncio.ensure_future(take())
+        await asyncio.sleep(0.05)  # both wait on the empty output
+        first.cancel()
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(fill, agg, range(1))  # must still wake the second
+        return await asyncio.wait_for(second, 10)
+
+    assert run_loop(main) == (0, 1)
