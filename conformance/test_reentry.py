@@ -327,3 +327,46 @@ def test_a_read_from_another_merge_that_gives_up_loses_no_add_in_flight(backend_
 
 def operator_add(stored: int, incoming: int) -> int:
     return stored + incoming
+
+
+@pytest.mark.clause("REENTRY-1", "CLOSE-4")
+@pytest.mark.parametrize(("timeout", "raised"), [(0.2, TimeoutError), (5.0, ar.ReentrantMergeError)])
+def test_shutdown_with_a_timeout_from_another_merge_gives_up_at_the_shorter_bound(
+    backend_name: str, timeout: float, raised: type
+) -> None:
+    # Y's add is in flight (its merge waits); X's merge calls Y.shutdown(timeout=...): it
+    # cannot finish. Its own timeout, if the shorter, ends it with TimeoutError; else the
+    # bound on waits from inside merge (1 s) ends it with ReentrantMergeError.
+    gate, inside = threading.Event(), threading.Event()
+
+    def slow(stored: int, incoming: int) -> int:
+        inside.set()
+        gate.wait(30)
+        return stored + incoming
+
+    y = ar.create(slow, backend=backend_name, flush_interval=None)
+    outcome: list[Any] = []
+
+    def calling(stored: int, incoming: int) -> int:
+        started = time.monotonic()
+        try:
+            y.shutdown(timeout=timeout)
+            outcome.append("finished")
+        except (TimeoutError, ar.ReentrantMergeError) as exc:
+            outcome.append(type(exc))
+        outcome.append(time.monotonic() - started)
+        return stored + incoming
+
+    x = ar.create(calling, backend=backend_name, flush_interval=None)
+    try:
+        in_flight = threading.Thread(target=lambda: (y.add("k", 1), y.add("k", 2)), daemon=True)
+        in_flight.start()
+        assert inside.wait(10)
+        call_bounded(lambda: (x.add("c", 1), x.add("c", 1)), 30, "shutdown() from another merge")
+        assert outcome[0] is raised, outcome
+        assert outcome[1] < 4.0, f"gave up after {outcome[1]:.1f} s, not at the shorter bound"
+    finally:
+        gate.set()
+        in_flight.join(30)
+        assert shutdown_collecting(y) == {"k": 3}
+        shutdown_collecting(x)
