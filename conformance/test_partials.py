@@ -27,6 +27,16 @@ def concat(stored: list[str], incoming: list[str]) -> list[str]:
     return stored + incoming
 
 
+def values_of(agg: Any, name: object) -> list[str]:
+    """Flush and drain until nothing is left; the values delivered for key ``name``, in delivery order."""
+    delivered: list[str] = []
+    while agg.pending or len(agg):
+        delivered += [v for key, value in agg.drain() if key == name for v in value]
+        agg.flush()
+    delivered += [v for key, value in agg.drain() if key == name for v in value]
+    return delivered
+
+
 @pytest.mark.clause("FLUSH-6", "ADD-5")
 def test_splits_of_three_partials_come_out_oldest_first(make: Factory) -> None:
     failing = {"on": False}
@@ -95,11 +105,7 @@ def test_an_interrupt_while_combining_partials_keeps_them_oldest_first(make: Fac
         except Interrupt:
             pass
         trip["on"] = False
-    out: list[str] = []
-    while agg.pending or len(agg):
-        out += [v for key, value in agg.drain() if key == "k" for v in value]
-        agg.flush()
-    out += [v for key, value in agg.drain() if key == "k" for v in value]
+    out = values_of(agg, "k")
     assert out == (["older", "newer"] if accepted_newer else ["older"]), out
 
 
@@ -555,11 +561,7 @@ def test_a_read_that_stops_half_way_keeps_each_threads_order(make: Factory, stop
             hold.set()
             in_flight.result(30)
     hold.set()
-    delivered: list[str] = []
-    while agg.pending or len(agg):
-        delivered += [v for key, value in agg.drain() if key == "k" for v in value]
-        agg.flush()
-    delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+    delivered = values_of(agg, "k")
     expected = ["a", "b", "c"] if stop == "interrupt while combining" else ["a", "b"]
     assert delivered == expected, f"this thread added {expected}; delivered in order {delivered}"
 
@@ -759,9 +761,5 @@ def test_the_only_writer_adding_during_a_reads_combine_merges(make: Factory) -> 
         writer_adds.set()  # a backend that ran no merge in the read: the add comes now
         adding.result(30)
     assert results == [True], "k was buffered all along: the only writer's add merges (ADD-2)"
-    delivered: list[str] = []
-    while agg.pending or len(agg):
-        delivered += [v for key, value in agg.drain() if key == "k" for v in value]
-        agg.flush()
-    delivered += [v for key, value in agg.drain() if key == "k" for v in value]
+    delivered = values_of(agg, "k")
     assert delivered == ["a", "b", "c"]
