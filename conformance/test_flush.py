@@ -307,7 +307,7 @@ class InterruptingKey:
     armed = False
     spared: threading.Thread | None = None
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: object) -> None:
         self.name = name
 
     def __hash__(self) -> int:
@@ -331,13 +331,19 @@ def interrupting() -> Any:
 
 
 @pytest.mark.clause("FLUSH-5", "CLOSE-5")
-def test_a_base_exception_inside_a_flush_loses_nothing(make: Factory, interrupting: Any) -> None:
+@pytest.mark.parametrize("others", [1, 40], ids=["one other key", "forty other keys"])
+def test_a_base_exception_inside_a_flush_loses_nothing(make: Factory, interrupting: Any, others: int) -> None:
+    # With forty other keys, a sharded or striped backend detaches several chunks: those
+    # after the interrupted one must be settled too. Keys that hash as small ints put the
+    # interrupted one (hash 0) in the first shard or stripe, whatever PYTHONHASHSEED is.
     agg = make(operator.add, max_pending=1)
     agg.add("filler", 1)
     agg.flush()  # the output is full: the next flush re-queues everything, hashing each key
-    key = interrupting("interrupted")
+    key = interrupting("interrupted") if others == 1 else interrupting(0)
     agg.add(key, 10)
-    agg.add("other", 100)
+    other_keys: list[object] = ["other"] if others == 1 else list(range(1, others + 1))
+    for other in other_keys:
+        agg.add(other, 100)
     with ThreadPoolExecutor(1) as flusher:
         interrupting.armed = True
         try:
@@ -345,7 +351,7 @@ def test_a_base_exception_inside_a_flush_loses_nothing(make: Factory, interrupti
         except Interrupt:
             pass  # it may propagate, but only after every record is settled
     assert not interrupting.armed, "the flush never hashed the key"
-    assert shutdown_collecting(agg) == {"filler": 1, key: 10, "other": 100}
+    assert shutdown_collecting(agg) == {"filler": 1, key: 10, **dict.fromkeys(other_keys, 100)}
 
 
 @pytest.mark.clause("FLUSH-5", "FLUSH-3")
