@@ -27,6 +27,20 @@ def concat(stored: list[str], incoming: list[str]) -> list[str]:
     return stored + incoming
 
 
+class FailingConcat:
+    """A merge that concatenates lists, and raises ``ValueError`` while ``on`` is set."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.failed = 0  # how many times it raised
+
+    def __call__(self, stored: list[str], incoming: list[str]) -> list[str]:
+        if self.on:
+            self.failed += 1
+            raise ValueError("cannot combine")
+        return stored + incoming
+
+
 def values_of(agg: Any, name: object) -> list[str]:
     """Flush and drain until nothing is left; the values delivered for key ``name``, in delivery order."""
     delivered: list[str] = []
@@ -39,12 +53,7 @@ def values_of(agg: Any, name: object) -> list[str]:
 
 @pytest.mark.clause("FLUSH-6", "ADD-5")
 def test_splits_of_three_partials_come_out_oldest_first(make: Factory) -> None:
-    failing = {"on": False}
-
-    def merge(stored: list[str], incoming: list[str]) -> list[str]:
-        if failing["on"]:
-            raise ValueError("cannot combine")
-        return stored + incoming
+    merge = failing = FailingConcat()
 
     agg = make(merge)
     pools = [ThreadPoolExecutor(1) for _ in range(3)]
@@ -55,17 +64,17 @@ def test_splits_of_three_partials_come_out_oldest_first(make: Factory) -> None:
         agg.drain()
         accepted = []
         for index in (2, 1, 0):  # first adds of "k": thread 2 oldest, then 1, then 0
-            failing["on"] = True  # a backend that merges in add() refuses the later ones
+            failing.on = True  # a backend that merges in add() refuses the later ones
             try:
                 pools[index].submit(agg.add, "k", [f"t{index}"]).result()
                 accepted.append(f"t{index}")
             except ValueError:
                 pass
-            failing["on"] = False
+            failing.on = False
             time.sleep(0.002)
-        failing["on"] = True
+        failing.on = True
         agg.flush()
-        failing["on"] = False
+        failing.on = False
     finally:
         for pool in pools:
             pool.shutdown()
@@ -202,26 +211,21 @@ def test_merges_of_two_aggregators_calling_each_other_never_deadlock(backend_nam
 
 @pytest.mark.clause("FLUSH-6", "STAT-1")
 def test_a_split_is_logged_and_counted_once(make: Factory, caplog: pytest.LogCaptureFixture) -> None:
-    failing = {"on": False}
-
-    def merge(stored: list[str], incoming: list[str]) -> list[str]:
-        if failing["on"]:
-            raise ValueError("cannot combine")
-        return stored + incoming
+    merge = failing = FailingConcat()
 
     agg = make(merge, max_pending=1)
     agg.add("fill", ["f"])
     agg.flush()  # the output is full: a split's older half goes out past max_pending
     agg.add("k", ["main"])
     with ThreadPoolExecutor(1) as other:
-        failing["on"] = True
+        failing.on = True
         try:
             other.submit(agg.add, "k", ["thread"]).result()
         except ValueError:
             pass
         caplog.clear()
         agg.flush()
-        failing["on"] = False
+        failing.on = False
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert agg.stats().flush_errors == len(errors) <= 1, [r.getMessage() for r in errors]
 
@@ -393,14 +397,7 @@ def _split_while_a_flush_holds(
     after the flush. With ``fail_requeue``, merges still raise while the flush
     re-queues ``a``.
     """
-    failing = {"on": False}
-    failed = [0]
-
-    def merge(stored: list[str], incoming: list[str]) -> list[str]:
-        if failing["on"]:
-            failed[0] += 1
-            raise ValueError("cannot combine")
-        return stored + incoming
+    merge = failing = FailingConcat()
 
     def add_refusable(pool: ThreadPoolExecutor, key: object, value: list[str]) -> None:
         try:
@@ -415,13 +412,13 @@ def _split_while_a_flush_holds(
         agg.add("fill", ["f"])
         agg.flush()  # the output is full from now on
         agg.add("x", ["x1"])
-        failing["on"] = True
+        failing.on = True
         add_refusable(other, "x", ["x2"])
         agg.snapshot()  # a backend with partials splits x here: x1 waits to go out first
-        failing["on"] = False
+        failing.on = False
         split = agg.stats().flush_errors > 0
         agg.add(key, ["a"])  # this thread's oldest value of key
-        failed[0] = 0
+        failing.failed = 0
         ar_logger.addHandler(hold)
         try:
             flusher = threading.Thread(target=agg.flush, name="flusher-under-test", daemon=True)
@@ -430,19 +427,19 @@ def _split_while_a_flush_holds(
                 assert hold.inside.wait(30), "the flush logged nothing about the split it delivers"
                 agg.add(split_key, ["b"])  # newer than a, from the same thread
                 add_refusable(other, split_key, ["c"])
-                failing["on"] = True
+                failing.on = True
                 agg.snapshot()  # splits split_key while the flush still holds key:a
-                failing["on"] = fail_requeue
+                failing.on = fail_requeue
             hold.go.set()
             flusher.join(30)
             assert not flusher.is_alive(), "the flush did not return"
         finally:
             ar_logger.removeHandler(hold)
             hold.go.set()
-            failing["on"] = False
+            failing.on = False
         if not split:
             agg.add(split_key, ["b"])
-    outcome = _HeldFlush(split, failed[0], agg.drain(), [])
+    outcome = _HeldFlush(split, failing.failed, agg.drain(), [])
     while agg.pending or len(agg):
         agg.flush()
         outcome.later.append(agg.drain())
@@ -647,7 +644,7 @@ def test_a_split_key_whose_eq_raises_does_not_push_other_requeued_records_past_m
     assert sorted(v for value in _values(later, split_key) for v in value) == ["b", "c"][: 1 + seen.split]
 
 
-def _split_by_a_read(agg: Any, failing: dict[str, bool], key: object) -> None:
+def _split_by_a_read(agg: Any, failing: FailingConcat, key: object) -> None:
     """Add ``a`` to ``key`` here and ``b`` in another thread, then read while merges fail.
 
     A backend with per-thread partials splits the key's record in two there (FLUSH-6);
@@ -656,32 +653,27 @@ def _split_by_a_read(agg: Any, failing: dict[str, bool], key: object) -> None:
     agg.add(key, ["a"])
     with ThreadPoolExecutor(1) as other:
         other.submit(agg.add, key, ["b"]).result(30)
-    failing["on"] = True
+    failing.on = True
     try:
         agg.snapshot()
     finally:
-        failing["on"] = False
+        failing.on = False
 
 
 @pytest.mark.clause("READ-1", "READ-2", "KEY-1")
 def test_reads_after_a_nan_key_split_show_it(make: Factory) -> None:
-    failing = {"on": False}
-
-    def merge(stored: list[str], incoming: list[str]) -> list[str]:
-        if failing["on"]:
-            raise ValueError("cannot combine")
-        return stored + incoming
+    merge = failing = FailingConcat()
 
     agg = make(merge)
     nan = float("nan")  # one object: one key, that only a dict's identity check finds
     _split_by_a_read(agg, failing, nan)
-    failing["on"] = True  # no read may need a merge to show what is buffered
+    failing.on = True  # no read may need a merge to show what is buffered
     try:
         snap = agg.snapshot()
         found = agg.get(nan)
         count = len(agg)
     finally:
-        failing["on"] = False
+        failing.on = False
     assert [key is nan for key in snap] == [True], snap
     assert snap[nan] in (["a"], ["b"], ["a", "b"]), snap
     assert found in (["a"], ["b"], ["a", "b"]), found
@@ -691,12 +683,7 @@ def test_reads_after_a_nan_key_split_show_it(make: Factory) -> None:
 
 @pytest.mark.clause("READ-1", "READ-2")
 def test_reads_after_a_split_of_a_key_whose_eq_raises_show_every_key(make: Factory) -> None:
-    failing = {"on": False}
-
-    def merge(stored: list[str], incoming: list[str]) -> list[str]:
-        if failing["on"]:
-            raise ValueError("cannot combine")
-        return stored + incoming
+    merge = failing = FailingConcat()
 
     agg = make(merge)
     key = EqRaises()
