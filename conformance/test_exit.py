@@ -110,8 +110,8 @@ def run_child(script: str, backend_name: str) -> subprocess.CompletedProcess[str
             child.kill()
             stdout, stderr = child.communicate()
             raise AssertionError(
-                f"the script did not exit within {CHILD_LIMIT:g} s (a thread blocked in records() "
-                f"keeps it alive?)\nstdout:\n{stdout}\nstderr:\n{stderr}"
+                f"the script did not exit within {CHILD_LIMIT:g} s (a thread that keeps it alive: "
+                f"blocked in records(), or a stuck flusher?)\nstdout:\n{stdout}\nstderr:\n{stderr}"
             ) from None
     return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 

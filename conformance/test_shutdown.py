@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import gc
 import operator
-import os
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -20,6 +17,7 @@ import aggregator_reference as ar
 
 from ._waits import call_bounded
 from .conftest import Factory, fold_records, run_threads, shutdown_collecting
+from .test_exit import run_child
 
 
 @pytest.mark.clause("CLOSE-1")
@@ -348,23 +346,9 @@ print("script ended", flush=True)
 
 @pytest.mark.clause("LIFE-1", "LIFE-2")
 def test_a_flusher_stuck_in_user_code_does_not_keep_the_process_alive(backend_name: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    env.pop("PYTHONWARNINGS", None)
-    command = [sys.executable, "-c", FLUSHER_STUCK, backend_name]
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    ) as child:
-        try:
-            stdout, stderr = child.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            stdout, stderr = child.communicate()
-            raise AssertionError(
-                f"the script did not exit: the stuck flusher thread keeps it alive\n"
-                f"stdout:\n{stdout}\nstderr:\n{stderr}"
-            ) from None
-    assert child.returncode == 0, stderr
-    assert stdout == "script ended\n"
+    done = run_child(FLUSHER_STUCK, backend_name)  # fails if the stuck flusher keeps it alive
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "script ended\n"
 
 
 @pytest.mark.clause("LIFE-1")
