@@ -14,6 +14,7 @@ import pytest
 import aggregator_reference as ar
 
 from .conftest import Factory, shutdown_collecting
+from .test_flush import GatedKey
 
 BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"merge": 42}, TypeError, "merge"),
@@ -142,34 +143,16 @@ def test_default_backend_follows_the_gil(monkeypatch: pytest.MonkeyPatch) -> Non
         agg.shutdown()
 
 
-class StallingKey:
-    """A key whose ``__hash__`` blocks in thread :attr:`block_in` until ``release`` is set."""
-
-    block_in: threading.Thread | None = None
-
-    def __init__(self, name: str, entered: threading.Event, release: threading.Event) -> None:
-        self.name, self.entered, self.release = name, entered, release
-
-    def __hash__(self) -> int:
-        if StallingKey.block_in is threading.current_thread():
-            self.entered.set()
-            self.release.wait(30)
-        return hash(self.name)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StallingKey) and other.name == self.name
-
-
 @pytest.mark.clause("STAT-1", "FLUSH-4")
 def test_ticks_skipped_counts_each_skipped_tick_once(make: Factory, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="aggregator_reference")
     entered, release = threading.Event(), threading.Event()
     agg = make(operator.add, flush_interval=0.002, max_pending=1)
-    agg.add(StallingKey("first", entered, release), 1)
-    agg.add(StallingKey("second", entered, release), 1)
+    agg.add(GatedKey("first", entered, release), 1)
+    agg.add(GatedKey("second", entered, release), 1)
     # One record reaches the output, which is then full; the other is re-queued, its key hashed.
     stalled = threading.Thread(target=agg.flush, daemon=True)
-    StallingKey.block_in = stalled
+    GatedKey.block_in = stalled
     try:
         stalled.start()
         assert entered.wait(10), "the manual flush never re-queued the key"
@@ -179,7 +162,7 @@ def test_ticks_skipped_counts_each_skipped_tick_once(make: Factory, caplog: pyte
             time.sleep(0.002)
     finally:
         release.set()
-        StallingKey.block_in = None
+        GatedKey.block_in = None
     stalled.join(10)
     assert not stalled.is_alive(), "a thread of the test did not finish: deadlock?"
     shutdown_collecting(agg)  # stops the flusher: no tick runs after this
