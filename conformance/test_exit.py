@@ -96,13 +96,18 @@ print("script ended", flush=True)
 """
 
 
-def run_child(script: str, backend_name: str) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a fresh interpreter with ``backend_name`` as ``sys.argv[1]``; fail if it hangs."""
+def child_env() -> dict[str, str]:
+    """This process's environment for a child: the same import path, no warning filters."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     env.pop("PYTHONWARNINGS", None)
-    command = [sys.executable, "-c", script, backend_name]
+    return env
+
+
+def run_child(script: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter with ``argv`` as ``sys.argv[1:]``; fail if it hangs."""
+    command = [sys.executable, "-c", script, *argv]
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
     ) as child:
         try:
             stdout, stderr = child.communicate(timeout=CHILD_LIMIT)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 
 import aggregator_reference as ar
 from aggregator_reference import _exit
+from conformance.test_exit import child_env, run_child
 
 #: Seconds a child interpreter gets to exit before the test fails.
 CHILD_LIMIT = 60.0
@@ -146,29 +146,6 @@ def test_the_exit_hook_holds_aggregators_weakly() -> None:
     agg.shutdown()
     assert agg not in _exit.live()  # shut down: nothing left to do at exit
     del agg
-
-
-def child_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
-def run_child(script: str) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a fresh interpreter; fail, with its output, if it does not exit."""
-    command = [sys.executable, "-c", script]
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
-    ) as child:
-        try:
-            stdout, stderr = child.communicate(timeout=CHILD_LIMIT)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            stdout, stderr = child.communicate()
-            raise AssertionError(
-                f"the script did not exit within {CHILD_LIMIT:g} s\nstdout:\n{stdout}\nstderr:\n{stderr}"
-            ) from None
-    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
 POOL_CONSUMER = """
