@@ -130,36 +130,29 @@ def test_wait_for_room_under_a_second_sees_room_made_meanwhile() -> None:
     assert result == [True]
 
 
-def test_wait_for_room_gives_up_when_nobody_takes() -> None:
-    output = full(1)
-    thread, result = in_thread(lambda: output.wait_for_room(0.2))
+def gave_up_waiting_for_room(output: Output[int], seconds: float) -> bool:
+    """Whether ``wait_for_room(seconds)``, run in a thread nobody helps, returned ``False``."""
+    thread, result = in_thread(lambda: output.wait_for_room(seconds))
     try:
         joined(thread)
     finally:
         output.close()
-    assert result == [False]
+    return result == [False]
+
+
+def test_wait_for_room_gives_up_when_nobody_takes() -> None:
+    assert gave_up_waiting_for_room(full(1), 0.2)
 
 
 def test_wait_for_room_gives_up_on_a_full_output_of_more_than_256() -> None:
     # 300 is not one of the small ints CPython caches: a size compared by identity fails here.
-    output = full(300)
-    thread, result = in_thread(lambda: output.wait_for_room(0.05))
-    try:
-        joined(thread)
-    finally:
-        output.close()
-    assert result == [False]
+    assert gave_up_waiting_for_room(full(300), 0.05)
 
 
 def test_wait_for_room_gives_up_on_an_output_past_maxsize() -> None:
     output = full(1)
     output.force([1, 2])
-    thread, result = in_thread(lambda: output.wait_for_room(0.05))
-    try:
-        joined(thread)
-    finally:
-        output.close()
-    assert result == [False]
+    assert gave_up_waiting_for_room(output, 0.05)
     assert output.offer([9]) == 0
     assert len(output) == 3
 
