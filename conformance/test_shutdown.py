@@ -194,8 +194,40 @@ def test_shutdown_timeout_bounds_a_merge_in_flight(make: Factory) -> None:
         assert adding.result(10) is True  # it returned, so it must be delivered (CLOSE-2)
     assert waited < 5, f"shutdown(timeout=0.1) returned after {waited:.1f} s, while merge ran on"
     assert not agg.closed
+
     with pytest.raises(ar.AggregatorClosedError):
         agg.add("late", 1)
+    assert shutdown_collecting(agg) == {"k": 3}
+
+
+@pytest.mark.clause("CLOSE-2", "CLOSE-4")
+def test_adds_begun_after_a_timed_out_shutdown_are_refused_while_the_merge_runs_on(
+    make: Factory,
+) -> None:
+    # The timed-out shutdown has begun: adds made while the merge in flight still
+    # holds things up must be refused at once, not slip in when it returns.
+    in_merge, release = threading.Event(), threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            in_merge.set()
+            release.wait(10)
+        return stored + incoming
+
+    agg = make(merge)
+    with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(4) as late:
+        writer.submit(agg.add, "k", 1).result()
+        adding = writer.submit(agg.add, "k", 2)
+        assert in_merge.wait(10)
+        with pytest.raises(TimeoutError):
+            agg.shutdown(timeout=0.1)
+        late_adds = [late.submit(agg.add, f"late{i}", 1) for i in range(4)]
+        time.sleep(0.1)  # let them reach whatever the merge in flight holds
+        release.set()
+        assert adding.result(10) is True
+        for future in late_adds:
+            with pytest.raises(ar.AggregatorClosedError):
+                future.result(10)
     assert shutdown_collecting(agg) == {"k": 3}
 
 
