@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import operator
+import sys
 import threading
 import time
 import warnings
@@ -244,6 +245,35 @@ def test_shutdown_waits_for_a_stalled_consumer_without_spinning(make: Factory) -
     # A waiting shutdown sleeps; one that polls burns a core (cpu close to wall).
     assert cpu < 0.3 * wall, f"shutdown used {cpu:.2f} s of CPU in {wall:.2f} s while waiting"
     assert shutdown_collecting(agg) == dict.fromkeys(range(5), 1)
+
+
+@pytest.mark.clause("LIFE-1")
+def test_an_aggregator_dropped_inside_its_own_merge_warns_and_raises_nothing(
+    backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last reference goes away while merge runs: the finalizer runs inside the
+    # merge, where the storage may refuse to count. It must still warn, and no
+    # exception may escape it (Python would only print it as "ignored").
+    box: list[Any] = []
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 99:
+            box.clear()
+        return stored + incoming
+
+    agg: Any = ar.create(merge, backend=backend_name, flush_interval=None)
+    agg.add("k", 1)
+    add = agg.add
+    box.append(agg)
+    del agg
+    escaped: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", escaped.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add("k", 99)
+        gc.collect()
+    assert not escaped, f"an exception escaped the finalizer: {escaped[0].exc_value!r}"
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
 
 
 @pytest.mark.clause("LIFE-1")
