@@ -80,6 +80,58 @@ def test_a_batch_goes_out_max_wait_after_its_oldest_record_arrived(make: Factory
     assert sorted(got) == [(2, 1), (3, 1)]
 
 
+@pytest.mark.clause("OUT-5")
+def test_a_batch_that_reaches_max_size_exactly_goes_out_at_once(make: Factory) -> None:
+    agg = make(max_pending=100)
+    fill(agg, range(3))
+    got = call_bounded(lambda: next(agg.batches(max_size=3, max_wait=1e6)), 10, "a full batch")
+    assert sorted(got) == [(0, 1), (1, 1), (2, 1)]
+
+
+def first_batch_at(agg: Any, max_size: int, max_wait: float) -> tuple[threading.Thread, list[Any]]:
+    """A consumer thread taking one batch; the list gets ``(batch, monotonic time it came)``."""
+    got: list[Any] = []
+
+    def consume() -> None:
+        batch = next(agg.batches(max_size=max_size, max_wait=max_wait))
+        got.append((batch, time.monotonic()))
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    return consumer, got
+
+
+@pytest.mark.clause("OUT-5")
+def test_a_lone_record_goes_out_after_max_wait_with_nothing_else_happening(make: Factory) -> None:
+    # The consumer waits first; the record's arrival wakes it, and from then on only
+    # the clock can make the batch due: no other flush, no shutdown.
+    agg = make(max_pending=100, flush_interval=None)
+    consumer, got = first_batch_at(agg, max_size=100, max_wait=0.3)
+    time.sleep(0.1)  # the consumer waits on an empty output
+    before = time.monotonic()
+    fill(agg, range(1))
+    consumer.join(10)
+    assert not consumer.is_alive(), "a batch due by max_wait alone never went out"
+    [(batch, came)] = got
+    assert batch == [(0, 1)]
+    assert came - before >= 0.3 - 0.01, "the batch went out before max_wait"
+
+
+@pytest.mark.clause("OUT-5")
+def test_a_batch_asked_for_late_still_waits_out_the_rest_of_max_wait(make: Factory) -> None:
+    # The record has waited 1.2 s of its 2 s when the consumer asks: 0.8 s remain.
+    agg = make(max_pending=100, flush_interval=None)
+    before = time.monotonic()
+    fill(agg, range(1))
+    time.sleep(1.2)
+    consumer, got = first_batch_at(agg, max_size=100, max_wait=2.0)
+    consumer.join(10)
+    assert not consumer.is_alive(), "a batch due by max_wait never went out"
+    [(batch, came)] = got
+    assert batch == [(0, 1)]
+    assert came - before >= 2.0 - 0.01, f"the batch went out {came - before:.2f} s after arriving"
+
+
 @pytest.mark.clause("OUT-5", "OUT-4")
 def test_records_stay_in_the_output_until_their_batch_is_yielded(make: Factory) -> None:
     agg = make(max_pending=100)
