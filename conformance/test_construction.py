@@ -36,6 +36,22 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"shards": 9}, ValueError, "shards"),
     ({"shards": 12}, ValueError, "shards"),
     ({"shards": 2.0}, TypeError, "shards"),
+    ({"max_buffered": 0}, ValueError, "max_buffered"),
+    ({"max_buffered": -1}, ValueError, "max_buffered"),
+    ({"max_buffered": 2.5}, TypeError, "max_buffered"),
+    ({"max_buffered": "3"}, TypeError, "max_buffered"),
+    ({"max_buffered": True}, TypeError, "max_buffered"),
+    ({"flush_at": 0}, ValueError, "flush_at"),
+    ({"flush_at": -1}, ValueError, "flush_at"),
+    ({"flush_at": 2.5}, TypeError, "flush_at"),
+    ({"flush_at": "5"}, TypeError, "flush_at"),
+    ({"flush_at": True}, TypeError, "flush_at"),
+    ({"max_block": -1}, ValueError, "max_block"),
+    ({"max_block": float("nan")}, ValueError, "max_block"),
+    ({"max_block": float("inf")}, ValueError, "max_block"),
+    ({"max_block": "1"}, TypeError, "max_block"),
+    ({"max_block": None}, TypeError, "max_block"),
+    ({"max_block": True}, TypeError, "max_block"),
 ]
 
 

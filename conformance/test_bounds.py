@@ -1,0 +1,295 @@
+"""Bounding the buffer: BUF-1, BUF-2, BUF-3, and their counters in STAT-1.
+
+Bad values of ``max_buffered``, ``max_block`` and ``flush_at`` are in
+``test_construction``'s ARG-1 table. A read that overlaps a flush may be stale
+(READ-2), so the exact checks below read the buffer after a manual ``flush()``
+into a full output: it waits for a running flush (FLUSH-4), hands nothing
+off and changes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import aggregator_reference as ar
+
+from ._waits import call_bounded
+from .conftest import Factory, fold_records, run_threads, shutdown_collecting
+
+#: Seconds a bounded wait of these tests allows: far more than any of them needs.
+LIMIT = 10.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = LIMIT) -> None:
+    """Poll ``condition`` until it holds; fail saying ``what`` did not happen within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {seconds:g} s")
+        time.sleep(0.002)
+
+
+class Background:
+    """``target()`` run in a daemon thread; :meth:`join` is bounded and fails with a message."""
+
+    def __init__(self, target: Callable[[], object], name: str) -> None:
+        self.name = name
+        self.returned: list[object] = []
+        self.raised: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, target: Callable[[], object]) -> None:
+        try:
+            self.returned.append(target())
+        except BaseException as exc:
+            self.raised.append(exc)
+
+    def join(self, seconds: float = LIMIT) -> None:
+        self.thread.join(seconds)
+        assert not self.thread.is_alive(), f"{self.name} did not finish within {seconds:g} s"
+
+
+def folded(records: list[tuple[Any, int]]) -> dict[Any, int]:
+    """``records`` summed per key."""
+    totals: dict[Any, int] = {}
+    for key, value in records:
+        totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+@pytest.mark.clause("BUF-1", "BUF-2", "STAT-1")
+def test_one_writer_fills_the_buffer_exactly_then_waits_then_fails(make: Factory) -> None:
+    agg = make(max_buffered=3, max_pending=1, max_block=1.0)
+    for key in range(3):
+        assert agg.add(key, 1) is False
+    assert agg.pending == 0, "the flusher ran before an add found the buffer full"
+    assert agg.stats().early_flushes == 0
+
+    # At the bound: the add wakes the flusher, whose flush hands one record to the
+    # output (max_pending=1) and re-queues two, which makes room for the new one.
+    assert call_bounded(lambda: agg.add(3, 1), LIMIT, "add() of a 4th key at the bound") is False
+    assert agg.flush() == 0  # the output is full: waits for the flusher's flush, changes nothing
+    assert agg.pending == 1
+    assert len(agg) == 3, "with one writer the buffer holds exactly max_buffered records (BUF-2)"
+    stats = agg.stats()
+    assert stats.stored == 4
+    assert stats.adds_waited >= 1, "the 4th add waited for room"
+    assert stats.early_flushes >= 1, "the 4th add woke the flusher"
+    assert stats.buffer_full_errors == 0
+
+    # At the bound with the output full: every flush re-queues everything, no room comes.
+    before = agg.snapshot()
+    with pytest.raises(ar.BufferFullError) as caught:
+        call_bounded(lambda: agg.add(4, 1), LIMIT, "add() of a 5th key with no room coming")
+    assert isinstance(caught.value, ar.AggregatorError)
+    assert "3" in str(caught.value), f"the message names neither count: {caught.value}"
+    assert agg.flush() == 0
+    assert agg.get(4) is None
+    assert len(agg) == 3
+    assert agg.snapshot() == before
+    after = agg.stats()
+    assert (after.adds, after.merges, after.stored) == (stats.adds, stats.merges, stats.stored)
+    assert after.buffer_full_errors == 1
+
+    buffered = next(iter(before))  # a merge into a buffered record is accepted while full
+    assert call_bounded(lambda: agg.add(buffered, 10), LIMIT, "add() merging while full") is True
+    assert agg.stats().merges == stats.merges + 1
+
+    delivered = folded(agg.drain())  # room in the output: the next flush makes room in the buffer
+    assert call_bounded(lambda: agg.add(4, 1), LIMIT, "add() of the 5th key after drain()") is False
+    shutdown_collecting(agg, into=delivered)
+    expected = dict.fromkeys(range(5), 1)
+    expected[buffered] += 10
+    assert delivered == expected
+
+
+@pytest.mark.clause("BUF-1", "FLUSH-2", "CLOSE-5")
+def test_requeued_records_are_never_dropped_to_keep_the_bound(make: Factory) -> None:
+    agg = make(max_buffered=2, max_pending=1, max_block=0.2)
+    accepted: Counter[str] = Counter()
+    delivered: dict[str, int] = {}
+    refused = 0
+    for step in range(24):
+        key, value = f"k{step % 4}", step + 1  # distinct values: a lost or doubled one shows
+        try:
+            agg.add(key, value)
+        except ar.BufferFullError:
+            refused += 1
+        else:
+            accepted[key] += value
+        if step % 4 == 3:
+            for got, each in agg.drain(limit=1):
+                delivered[got] = delivered.get(got, 0) + each
+    stats = agg.stats()
+    assert stats.requeued >= 1, "no flush re-queued anything: the test did not test BUF-1"
+    assert stats.buffer_full_errors == refused
+    shutdown_collecting(agg, into=delivered)
+    assert delivered == dict(accepted)
+    assert agg.stats().adds == 24 - refused
+
+
+@pytest.mark.clause("BUF-1", "CLOSE-2", "CLOSE-5")
+def test_an_add_waiting_for_room_when_shutdown_begins_is_refused(make: Factory) -> None:
+    agg = make(max_buffered=2, max_pending=1, max_block=30)
+    agg.add("a", 1)
+    agg.add("b", 1)
+    assert agg.flush() == 1  # one record fills the output, the other is re-queued
+    assert agg.add("c", 1) is False  # the buffer is at its bound, the output full
+    before = agg.stats()
+    adding = Background(lambda: agg.add("d", 1), "add() waiting for room")
+    wait_until(
+        lambda: (
+            agg.stats().adds_waited > before.adds_waited or agg.stats().early_flushes > before.early_flushes
+        ),
+        "the waiting add() waking the flusher",
+    )
+    assert adding.thread.is_alive(), f"add() did not wait for room: {adding.returned or adding.raised}"
+
+    stopping = Background(lambda: agg.shutdown(timeout=LIMIT), "shutdown()")
+    adding.join()  # well before max_block: shutdown() has begun, no consumer yet
+    assert adding.returned == [], "an add() waiting when shutdown() began was accepted"
+    [error] = adding.raised
+    assert isinstance(error, ar.AggregatorClosedError), f"expected AggregatorClosedError, got {error!r}"
+
+    delivered: dict[str, int] = {}
+    consumer = Background(lambda: fold_records(agg, delivered), "consumer")
+    stopping.join(LIMIT + 5)
+    consumer.join()
+    assert stopping.raised == [], f"shutdown() raised {stopping.raised}"
+    assert delivered == {"a": 1, "b": 1, "c": 1}
+    assert agg.stats().adds == 3
+
+
+@pytest.mark.clause("BUF-1", "STAT-1")
+def test_max_block_zero_fails_at_once_and_still_wakes_the_flusher(make: Factory) -> None:
+    agg = make(max_buffered=1, max_pending=1, max_block=0)
+    agg.add("a", 1)
+    assert agg.flush() == 1  # the output is full from now on
+    assert agg.add("b", 1) is False  # and the buffer at its bound
+    before = agg.stats()
+    with pytest.raises(ar.BufferFullError):
+        call_bounded(lambda: agg.add("c", 1), LIMIT, "add() with max_block=0")
+    assert agg.add("b", 1) is True  # a merge is accepted at the bound
+    wait_until(
+        lambda: agg.stats().early_flushes > before.early_flushes, "the refused add() waking the flusher"
+    )
+    stats = agg.stats()
+    assert (stats.stored, stats.buffer_full_errors) == (before.stored, 1)
+    assert shutdown_collecting(agg) == {"a": 1, "b": 2}
+
+
+@pytest.mark.clause("BUF-3", "FLUSH-3", "STAT-1")
+@pytest.mark.parametrize("flush_interval", [100, None])
+def test_flush_at_runs_the_flusher_at_once(make: Factory, flush_interval: float | None) -> None:
+    agg = make(flush_interval=flush_interval, flush_at=5, max_pending=100)
+    for key in range(4):
+        agg.add(key, 1)
+    agg.add(0, 1)  # merges do not bring the buffer closer to flush_at
+    time.sleep(0.2)  # room for an early flush that must not happen
+    assert (agg.pending, agg.stats().early_flushes) == (0, 0), "flushed before flush_at records"
+    agg.add(4, 1)
+    wait_until(
+        lambda: agg.pending == 5 and agg.stats().early_flushes >= 1,
+        "the early flush of the 5 records buffered at flush_at=5",
+    )
+    assert agg.flush() == 0, "the early flush left records buffered"
+    assert shutdown_collecting(agg) == {0: 2, 1: 1, 2: 1, 3: 1, 4: 1}
+
+
+@pytest.mark.clause("BUF-1", "BUF-3", "FLUSH-3")
+def test_the_flusher_of_a_bound_runs_only_when_woken(make: Factory) -> None:
+    agg = make(max_buffered=5, max_pending=100)
+    for key in range(5):  # up to the bound: nothing waits, nothing wakes the flusher
+        assert agg.add(key, 1) is False
+    time.sleep(0.2)  # room for a flush that must not happen
+    stats = agg.stats()
+    assert (agg.pending, stats.flushes, stats.early_flushes, stats.adds_waited) == (0, 0, 0, 0)
+    assert len(agg) == 5
+
+
+@pytest.mark.clause("BUF-2", "BUF-1", "CLOSE-5")
+def test_several_writers_exceed_the_bound_by_at_most_one_record_each(make: Factory) -> None:
+    writers, bound, keys = 4, 50, 300
+    agg = make(max_buffered=bound, max_pending=10**6, max_block=2.0)  # nothing is ever re-queued
+    accepted: list[Counter[tuple[int, int]]] = [Counter() for _ in range(writers)]
+    refused = [0] * writers
+    delivered: dict[tuple[int, int], int] = {}
+    consumer = Background(lambda: fold_records(agg, delivered), "consumer")
+    done = threading.Event()
+    seen = [0]  # the most keys len() showed
+
+    def watch() -> None:
+        while not done.is_set():
+            seen[0] = max(seen[0], len(agg))
+
+    watcher = Background(watch, "watcher")
+
+    def write(index: int) -> None:
+        for n in range(keys):
+            for key in ((index, n), (index, n), (index, n // 2)):  # new keys and merges
+                try:
+                    agg.add(key, 1)
+                except ar.BufferFullError:
+                    refused[index] += 1
+                else:
+                    accepted[index][key] += 1
+
+    try:
+        run_threads(writers, write, timeout=60)
+    finally:
+        done.set()
+    watcher.join()
+    # A read that overlaps a flush may also show what that flush hands off (READ-2):
+    # at most one more buffer's worth.
+    most = 2 * (bound + writers)
+    assert 0 < seen[0] <= most, f"len() showed {seen[0]} keys buffered, max_buffered={bound}"
+    call_bounded(lambda: agg.shutdown(timeout=30), 40, "shutdown()")
+    consumer.join()
+    total: Counter[tuple[int, int]] = Counter()
+    for each in accepted:
+        total.update(each)
+    assert total.total() > 0
+    assert Counter(delivered) == total
+    assert agg.stats().adds == total.total()
+    assert agg.stats().buffer_full_errors == sum(refused)
+
+
+@pytest.mark.clause("STAT-1")
+@pytest.mark.parametrize(
+    "bounds", [{}, {"max_buffered": 100}, {"flush_at": 100}], ids=["none", "bound", "at"]
+)
+def test_buffered_counts_the_records_one_writer_buffered(make: Factory, bounds: dict[str, int]) -> None:
+    agg = make(max_pending=3, **bounds)
+    fresh = agg.stats()
+    assert (fresh.buffered, fresh.early_flushes, fresh.adds_waited, fresh.buffer_full_errors) == (0, 0, 0, 0)
+    for key in range(7):
+        agg.add(key, 1)
+    for key in (0, 3, 3, 6):
+        agg.add(key, 1)
+    assert agg.stats().buffered == 7
+    for handed, left in ((3, 4), (3, 1), (1, 0)):
+        assert agg.flush() == handed
+        assert agg.stats().buffered == left
+        agg.drain()
+    stats = agg.stats()
+    assert (stats.early_flushes, stats.adds_waited, stats.buffer_full_errors) == (0, 0, 0)
+
+
+@pytest.mark.clause("ARG-1", "BUF-1")
+@pytest.mark.parametrize(
+    "options",
+    [{"max_block": 0}, {"max_block": 0.5}, {"max_buffered": 1}, {"flush_at": 1}],
+    ids=["block-0", "block-half", "buffered-1", "at-1"],
+)
+def test_valid_bounds_are_accepted(make: Factory, options: dict[str, float]) -> None:
+    agg = make(max_pending=100, **options)
+    assert agg.add("a", 1) is False
+    call_bounded(lambda: agg.add("b", 1), LIMIT, "add() of a second key")
+    assert shutdown_collecting(agg) == {"a": 1, "b": 1}
