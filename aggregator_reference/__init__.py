@@ -17,7 +17,13 @@ from __future__ import annotations
 
 from . import _kit as kit
 from ._engine import BufferedAggregator
-from ._errors import AggregatorClosedError, AggregatorError, BackendNotFoundError, ReentrantMergeError
+from ._errors import (
+    AggregatorClosedError,
+    AggregatorError,
+    BackendNotFoundError,
+    BufferFullError,
+    ReentrantMergeError,
+)
 from ._exit import set_exit_timeout
 from ._reference import ReferenceAggregator, ReferenceStorage
 from ._registry import (
@@ -37,6 +43,7 @@ __all__ = [
     "AggregatorClosedError",
     "AggregatorError",
     "BackendNotFoundError",
+    "BufferFullError",
     "BufferedAggregator",
     "Merge",
     "ReentrantMergeError",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["check_arguments"]
+__all__ = ["check_arguments", "check_bounds"]
 
 
 def check_arguments(merge: object, flush_interval: object, max_pending: object, shards: object) -> None:
@@ -30,3 +30,21 @@ def check_arguments(merge: object, flush_interval: object, max_pending: object, 
             raise TypeError(f"shards must be an int or None, got {type(shards).__name__}")
         if shards < 1 or shards & (shards - 1):
             raise ValueError(f"shards must be a positive power of two, got {shards}")
+
+
+def check_bounds(max_buffered: object, max_block: object, flush_at: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad bound (BUF-1, BUF-3)."""
+    for name, value in (("max_buffered", max_buffered), ("flush_at", flush_at)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {value}")
+    if isinstance(max_block, bool) or not isinstance(max_block, (int, float)):
+        raise TypeError(f"max_block must be a number of seconds, got {type(max_block).__name__}")
+    if not (0 <= max_block <= threading.TIMEOUT_MAX):
+        raise ValueError(
+            f"max_block must be >= 0 seconds and at most threading.TIMEOUT_MAX "
+            f"({threading.TIMEOUT_MAX:g}), got {max_block!r}"
+        )

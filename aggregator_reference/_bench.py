@@ -290,13 +290,16 @@ def _consumer_lines(consumers: dict[str, Consumption]) -> list[str]:
     lines = [
         "",
         f"Consumers: records/s taking {first.records} flushed records, and x records() in the same run;",
-        f"add_many: time per pair over a loop of add() ({first.records} pairs over {first.keys} keys)",
-        f"{'backend':<14}" + "".join(f"{kind + '()':>20}" for kind in CONSUMERS) + f"{'add_many':>10}",
+        f"add_many: time per pair over a loop of add() ({first.records} pairs over {first.keys} keys);",
+        "bounded: add() with max_buffered set (never reached) over add() without",
+        f"{'backend':<14}"
+        + "".join(f"{kind + '()':>20}" for kind in CONSUMERS)
+        + f"{'add_many':>10}{'bounded':>10}",
     ]
     for name, c in consumers.items():
         cells = [f"{c.per_s[kind]:>12,.0f} {c.vs_records[kind]:>6.2f}x" for kind in CONSUMERS]
         cells[0] = f"{c.per_s['records']:>20,.0f}"
-        lines.append(f"{name:<14}" + "".join(cells) + f"{c.add_many_vs_add:>9.2f}x")
+        lines.append(f"{name:<14}" + "".join(cells) + f"{c.add_many_vs_add:>9.2f}x{c.bounded_vs_add:>9.2f}x")
     return lines
 
 

@@ -4,7 +4,8 @@ The writer loops and their timing live here too, so that :mod:`._bench`
 (the side-by-side run) and these measurements share them: flush against
 ``queue.Queue``, memory against a plain dict, the floor of a Python ``add``,
 the process ceiling, and the consumers (``records()``, ``batches()``,
-``arecords()``, ``abatches()``) with ``add_many`` against a loop of ``add``.
+``arecords()``, ``abatches()``) with ``add_many`` against a loop of ``add``, and
+``add`` with ``max_buffered`` set against ``add`` without.
 """
 
 from __future__ import annotations
@@ -264,6 +265,8 @@ class Consumption:
     add_ns: float = 0.0  # ns per pair, a loop of add(key, value)
     add_many_ns: float = 0.0  # ns per pair, one add_many(pairs)
     add_many_vs_add: float = 0.0  # add_many_ns / add_ns
+    bounded_ns: float = 0.0  # ns per pair, a loop of add with max_buffered set (never reached)
+    bounded_vs_add: float = 0.0  # bounded_ns / add_ns
 
 
 def _through_records(aggregator: Any) -> tuple[int, float]:
@@ -323,9 +326,17 @@ def consumer_rate(backend: str, kind: str, records: int) -> float:
     return records / seconds
 
 
-def _pairs_cost(backend: str, pairs: list[tuple[int, int]], keys: int, *, many: bool) -> float:
-    """Seconds for one writer to add ``pairs``, by ``add_many`` or by a loop of ``add``."""
-    aggregator: Any = create(int_sum, backend=backend, flush_interval=None, max_pending=max(keys, 1024))
+def _pairs_cost(
+    backend: str, pairs: list[tuple[int, int]], keys: int, *, many: bool = False, bounded: bool = False
+) -> float:
+    """Seconds for one writer to add ``pairs``, by ``add_many`` or by a loop of ``add``.
+
+    ``bounded``: with ``max_buffered`` set, twice the keys, so that no add waits (BUF-1).
+    """
+    bound = {"max_buffered": 2 * keys} if bounded else {}
+    aggregator: Any = create(
+        int_sum, backend=backend, flush_interval=None, max_pending=max(keys, 1024), **bound
+    )
     try:
         if many:
             started = time.perf_counter()
@@ -345,12 +356,13 @@ def consumption(backend: str, records: int, keys: int, repeats: int) -> Consumpt
     """Every consumer and ``add_many`` on ``backend``, best of ``repeats``, interleaved to share the noise."""
     pairs = [(i % keys, 1) for i in range(records)]
     rates: dict[str, float] = {}
-    add = many = float("inf")
+    add = many = bounded = float("inf")
     for _ in range(repeats):
         for kind in CONSUMERS:
             rates[kind] = max(rates.get(kind, 0.0), consumer_rate(backend, kind, records))
-        add = min(add, _pairs_cost(backend, pairs, keys, many=False))
+        add = min(add, _pairs_cost(backend, pairs, keys))
         many = min(many, _pairs_cost(backend, pairs, keys, many=True))
+        bounded = min(bounded, _pairs_cost(backend, pairs, keys, bounded=True))
     return Consumption(
         records,
         keys,
@@ -359,4 +371,6 @@ def consumption(backend: str, records: int, keys: int, repeats: int) -> Consumpt
         add_ns=add / records * 1e9,
         add_many_ns=many / records * 1e9,
         add_many_vs_add=many / add,
+        bounded_ns=bounded / records * 1e9,
+        bounded_vs_add=bounded / add,
     )

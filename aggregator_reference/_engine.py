@@ -9,17 +9,17 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Hashable
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
 
 from . import _exit
 from . import _kit as kit
-from ._arguments import check_arguments
+from ._arguments import check_arguments, check_bounds
 from ._consume import Consuming
 from ._errors import AggregatorClosedError, ReentrantMergeError
 from ._output import Output
+from ._pacing import Flusher, Pacer
 from ._types import Merge, Stats, Storage
 from ._writing import Writing
 
@@ -29,18 +29,6 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 logger = logging.getLogger("aggregator_reference")
-
-
-def _run_flusher(
-    ref: weakref.ref[BufferedAggregator[Any, Any]], stop: threading.Event, interval: float
-) -> None:
-    """Body of the flusher thread; holds the aggregator only weakly so it can be dropped."""
-    while not stop.wait(interval):
-        aggregator = ref()
-        if aggregator is None:
-            return
-        aggregator._tick()
-        del aggregator
 
 
 class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
@@ -71,17 +59,22 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
         flush_interval: float | None = 1.0,
         max_pending: int = 1024,
         shards: int | None = None,
+        max_buffered: int | None = None,
+        max_block: float = 1.0,
+        flush_at: int | None = None,
     ) -> None:
-        """Build the buffer and start the flusher thread (unless ``flush_interval`` is ``None``).
+        """Build the buffer and start the flusher thread (see FLUSH-3 and BUF-3 for when there is one).
 
         Raises:
             TypeError: an argument has the wrong type (the message names it).
             ValueError: an argument is out of range (the message names it).
         """
         check_arguments(merge, flush_interval, max_pending, shards)
+        check_bounds(max_buffered, max_block, flush_at)
         self._closed = False
         self._storage: Storage[K, V] = type(self).storage_class(merge, shards)
-        self.add = self._storage.add
+        self._pacer = Pacer(self, self._storage, max_buffered, max_block, flush_at)
+        self.add = self._pacer.add  # the storage's own add unless bounded (BUF-1)
         self.flush_interval = flush_interval
         self.max_pending = max_pending
         self._output: Output[tuple[K, V]] = Output(max_pending)
@@ -95,17 +88,11 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
         self._closer_lock = threading.Lock()
         self._closer: _exit.Closer | None = None
         self._flushed = self._requeued = self._flushes = 0
-        self._ticks_skipped = self._overflowed = self._flush_errors = 0
-        self._stop = threading.Event()
-        self._flusher: threading.Thread | None = None
-        if flush_interval is not None:
-            self._flusher = threading.Thread(
-                target=_run_flusher,
-                args=(weakref.ref(self), self._stop, flush_interval),
-                name=f"{type(self).__name__}-flusher",
-                daemon=True,
-            )
-            self._flusher.start()
+        self._ticks_skipped = self._overflowed = self._flush_errors = self._early_flushes = 0
+        self._flusher: Flusher | None = None
+        if flush_interval is not None or self._pacer.bounded:
+            self._flusher = Flusher(self, flush_interval)
+            self._flusher.thread.start()
         _exit.register(self)  # shut down at interpreter exit if nobody did (LIFE-2)
 
     # -- flushing -------------------------------------------------------------
@@ -146,14 +133,15 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
         if self._flush_owner == threading.get_ident() or kit.in_user_code_of(self._storage):
             raise ReentrantMergeError(f"{call} called from inside merge of the same aggregator")
 
-    def _tick(self) -> None:
-        """One periodic flush; skipped if a flush is running; never raises."""
+    def _tick(self, early: bool = False) -> None:
+        """One flush of the flusher (``early``: woken, BUF-3); skipped if a flush is running; never raises."""
         if not self._flush_lock.acquire(blocking=False):
             logger.debug("%s: periodic flush skipped, a flush is still running", type(self).__name__)
             self._ticks_skipped += 1
             return
         try:
             if not self._shutting_down:
+                self._early_flushes += early
                 self._flush_locked()
         except BaseException:  # SystemExit or KeyboardInterrupt from merge too: keep flushing
             logger.exception("%s: periodic flush failed; records stay buffered", type(self).__name__)
@@ -194,6 +182,7 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
             self._flushes += 1
             self._flushed += handed
             self._requeued += requeued
+            self._pacer.after_flush()
         if interrupt is not None:
             raise interrupt
         return handed, requeued
@@ -256,6 +245,7 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
     def stats(self) -> Stats:
         """A snapshot of the counters; each may be a little stale under concurrent use."""
         merges, stored = self._storage.counts()
+        pacer = self._pacer
         return Stats(
             adds=merges + stored,
             merges=merges,
@@ -267,6 +257,10 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
             overflowed=self._overflowed,
             # A storage that combines records on its own (FLUSH-6) counts what raised there.
             flush_errors=self._flush_errors + getattr(self._storage, "merge_errors", 0),
+            early_flushes=self._early_flushes,
+            adds_waited=pacer.adds_waited,
+            buffer_full_errors=pacer.buffer_full_errors,
+            buffered=pacer.buffered(stored),
         )
 
     # -- shutting down -----------------------------------------------------------
@@ -308,9 +302,11 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
         if self._closed:
             return
         self._shutting_down = True
-        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.stop()
+        self._pacer.closed()
         self._close_storage(wait)
-        flusher = self._flusher
+        flusher = self._flusher.thread if self._flusher is not None else None
         if (
             flusher is not None
             and flusher is not threading.current_thread()
@@ -371,9 +367,9 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
         self.shutdown()
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:  # bound: exit clears globals
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
+        flusher = getattr(self, "_flusher", None)
+        if flusher is not None:
+            flusher.stop()
         if getattr(self, "_closed", True) or not hasattr(self, "_output"):
             return
         try:

@@ -11,6 +11,7 @@ __all__ = [
     "AggregatorClosedError",
     "AggregatorError",
     "BackendNotFoundError",
+    "BufferFullError",
     "ReentrantMergeError",
 ]
 
@@ -25,6 +26,13 @@ class AggregatorClosedError(AggregatorError, RuntimeError):
 
 class ReentrantMergeError(AggregatorError, RuntimeError):
     """Raised when ``merge`` calls ``add``, ``flush`` or ``shutdown`` of the aggregator that is calling it."""
+
+
+class BufferFullError(AggregatorError):
+    """Raised by ``add()`` of a new key when ``max_buffered`` records stayed buffered for ``max_block`` s.
+
+    Nothing was stored; the message names the records buffered and the bound (BUF-1).
+    """
 
 
 class BackendNotFoundError(AggregatorError, LookupError):

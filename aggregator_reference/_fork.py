@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from ._errors import AggregatorClosedError
 from ._output import Output
+from ._pacing import Pacer
 
 if TYPE_CHECKING:
     from ._engine import BufferedAggregator
@@ -75,7 +76,6 @@ def disown(aggregators: Iterable[BufferedAggregator[Any, Any]], parent: int) -> 
         aggregator._closer_lock = threading.Lock()
         aggregator._closer = None
         aggregator._flusher = None
-        aggregator._stop = threading.Event()
-        aggregator._stop.set()
+        aggregator._pacer = Pacer(aggregator, storage, None, 0.0, None)
         aggregator._shutting_down = True
         aggregator._closed = True

@@ -201,11 +201,18 @@ def create(
     flush_interval: float | None = 1.0,
     max_pending: int = 1024,
     shards: int | None = None,
+    max_buffered: int | None = None,
+    max_block: float = 1.0,
+    flush_at: int | None = None,
 ) -> Aggregator[Any, V]:
     """Create an aggregator that combines values per key with ``merge(stored, incoming)``.
 
     ``backend=None`` means ``$AGGREGATOR_BACKEND`` if set, else :func:`default_backend`.
-    ``flush_interval=None`` turns the background flusher off (call ``flush()``).
+    ``flush_interval=None`` turns the periodic flusher off (call ``flush()``).
+    ``max_buffered`` bounds the records buffered: an ``add()`` of a new key at the
+    bound waits up to ``max_block`` seconds for a flush to make room, then raises
+    ``BufferFullError``. ``flush_at`` flushes early once that many records are
+    buffered. These three are passed to the backend only when set (BUF-1 … BUF-3).
 
     Raises:
         TypeError, ValueError: an argument is invalid (the message names it).
@@ -216,7 +223,14 @@ def create(
     if backend is None:
         backend = _backend_from_environment() or default_backend()
     cls = load_backend(backend)
+    bounds: dict[str, Any] = {}  # only when set: a backend not built on the engine may lack them
+    if max_buffered is not None:
+        bounds["max_buffered"] = max_buffered
+    if max_block != 1.0 or type(max_block) is not float:
+        bounds["max_block"] = max_block
+    if flush_at is not None:
+        bounds["flush_at"] = flush_at
     aggregator: Aggregator[Any, V] = cls(
-        merge, flush_interval=flush_interval, max_pending=max_pending, shards=shards
+        merge, flush_interval=flush_interval, max_pending=max_pending, shards=shards, **bounds
     )
     return aggregator

@@ -35,6 +35,13 @@ class Stats:
         overflowed: records delivered past ``max_pending`` because putting them
             back failed (``merge`` or the key's ``__hash__``/``__eq__`` raised).
         flush_errors: exceptions raised inside a flush and logged.
+        early_flushes: flushes the flusher ran before its tick because the
+            buffer reached ``flush_at`` or ``max_buffered``.
+        adds_waited: ``add()`` calls that waited for room (``max_buffered``).
+        buffer_full_errors: how many ``BufferFullError`` were raised.
+        buffered: not a counter: an estimate of the records buffered now,
+            exact with one writer thread until a read or a flush by another
+            thread, otherwise an upper estimate that the next flush corrects.
     """
 
     adds: int
@@ -46,6 +53,10 @@ class Stats:
     ticks_skipped: int
     overflowed: int
     flush_errors: int
+    early_flushes: int = 0
+    adds_waited: int = 0
+    buffer_full_errors: int = 0
+    buffered: int = 0
 
 
 @runtime_checkable
@@ -173,6 +184,16 @@ class Storage(Protocol[K, V]):
 
     Every method may be called from any thread at any time, except that the
     engine never runs ``detach``/``requeue`` of two flushes at once.
+
+    Optional, for ``max_buffered``/``flush_at`` (BUF-1 … BUF-3) at no cost per
+    ``add``: ``limit_new_records(admit)`` and ``revoke()``. After the first,
+    before storing a new record, a thread spends its allowance; when it is
+    spent, the thread calls ``admit(grant)`` holding none of the storage's
+    locks, then tries again; ``admit`` calls ``grant(n)`` to allow ``n`` more
+    new records to that thread, or raises (``BufferFullError``,
+    ``AggregatorClosedError``), and then nothing may be stored. ``revoke()``
+    spends every thread's allowance; the engine calls it after each flush.
+    Without them the engine checks the bound in front of ``add``.
     """
 
     @property

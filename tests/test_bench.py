@@ -78,16 +78,27 @@ def test_consumers_and_add_many_are_measured_for_every_backend() -> None:
         assert c["add_ns"] > 0
         assert c["add_many_ns"] > 0
         assert c["add_many_vs_add"] == pytest.approx(c["add_many_ns"] / c["add_ns"])
+        assert c["bounded_ns"] > 0
+        assert c["bounded_vs_add"] == pytest.approx(c["bounded_ns"] / c["add_ns"])
     out = io.StringIO()
     assert main(["bench", *TINY, "--backend", "reference", "--flush", "0", "--consumers", "200"], out) == 0
     text = out.getvalue()
     assert "Consumers: records/s taking 200 flushed records" in text
     assert "add_many: time per pair over a loop of add() (200 pairs over 10 keys)" in text
+    assert "bounded: add() with max_buffered set (never reached) over add() without" in text
     header = next(line for line in text.splitlines() if line.startswith("backend") and "records()" in line)
-    assert header.split() == ["backend", "records()", "batches()", "arecords()", "abatches()", "add_many"]
+    assert header.split() == [
+        "backend",
+        "records()",
+        "batches()",
+        "arecords()",
+        "abatches()",
+        "add_many",
+        "bounded",
+    ]
     row = [line for line in text.splitlines() if line.startswith("reference")][-1].split()
-    assert len(row) == 9
-    assert row[-1].endswith("x")
+    assert len(row) == 10
+    assert row[-1].endswith("x") and row[-2].endswith("x")
 
 
 def test_consumers_zero_skips_and_the_default_run_measures_them() -> None:

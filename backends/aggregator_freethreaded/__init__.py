@@ -40,6 +40,7 @@ from ._gathering import Gathering, settle_among_orphans
 from ._parts import (
     _FROM_HOME,
     FREE_THREADED_BUILD,
+    UNLIMITED,
     Buffer,
     Pairs,
     _now,
@@ -88,6 +89,9 @@ class FreeThreadedStorage(Generic[K, V]):
         self._accounts: tuple[tuple[Buffer[K, V], ...], tuple[int, int]] = ((), (0, 0))
         #: Merges that raised while partial records were combined, logged (FLUSH-6).
         self.merge_errors = 0
+        # The engine's admission of new records (BUF-1), once it limits them; buffers then
+        # start with no allowance.
+        self._admit: Callable[[Callable[[int], None]], None] | None = None
         self.add: Callable[[K, V], bool] = self._add_locked if FREE_THREADED_BUILD else self._add_gil
 
     @property
@@ -98,7 +102,7 @@ class FreeThreadedStorage(Generic[K, V]):
     # -- the hot path ------------------------------------------------------------
 
     def _register(self) -> Buffer[K, V]:
-        buffer: Buffer[K, V] = Buffer(threading.current_thread())
+        buffer: Buffer[K, V] = Buffer(threading.current_thread(), UNLIMITED if self._admit is None else 0)
         with self._locked("add()"):
             buffers, retired = self._accounts
             self._accounts = ((*buffers, buffer), retired)
@@ -148,7 +152,12 @@ class FreeThreadedStorage(Generic[K, V]):
             gathers = self._gathers  # odd while a gather runs: home is elsewhere then
             home = self._home
             elsewhere = buffer.stranded or (home and key in home)  # older states, re-queued records
-            if not elsewhere and not gathers & 1 and gathers == self._gathers:
+            if (
+                not elsewhere
+                and not gathers & 1
+                and gathers == self._gathers
+                and buffer.stored < buffer.allowed  # within the engine's bound (BUF-1)
+            ):
                 data[key] = value
                 stamps.append(_now())
                 buffer.stored += 1
@@ -179,7 +188,12 @@ class FreeThreadedStorage(Generic[K, V]):
             gathers = self._gathers  # odd while a gather runs: home is elsewhere then
             home = self._home
             elsewhere = buffer.stranded or (home and key in home)  # older states, re-queued records
-            if not elsewhere and not gathers & 1 and gathers == self._gathers:
+            if (
+                not elsewhere
+                and not gathers & 1
+                and gathers == self._gathers
+                and buffer.stored < buffer.allowed  # within the engine's bound (BUF-1)
+            ):
                 data[key] = value
                 stamps.append(_now())
                 buffer.stored += 1
@@ -202,10 +216,24 @@ class FreeThreadedStorage(Generic[K, V]):
         with self._locked("add()"):  # before binding held: this call is not from inside merge
             held = buffer.lock
             with held:
-                return self._add_from_home_locked(buffer, key, value)
+                merged = self._add_from_home_locked(buffer, key, value)
+            del held
+        if merged is not None:
+            return merged
+        admit = self._admit
+        assert admit is not None  # only an allowance that is spent gets here
 
-    def _add_from_home_locked(self, buffer: Buffer[K, V], key: K, value: V) -> bool:
-        """:meth:`_add_from_home` with ``_shared`` and the buffer's lock held."""
+        def grant(allowance: int) -> None:
+            buffer.allowed = buffer.stored + allowance
+
+        admit(grant)  # may wait for a flush, or raise BufferFullError: nothing stored yet
+        return self.add(key, value)
+
+    def _add_from_home_locked(self, buffer: Buffer[K, V], key: K, value: V) -> bool | None:
+        """:meth:`_add_from_home` with ``_shared`` and the buffer's lock held.
+
+        ``None``: nothing done, the key needs a new record and the thread's allowance is spent.
+        """
         buffer.busy = True
         try:
             if self._closed:
@@ -231,6 +259,8 @@ class FreeThreadedStorage(Generic[K, V]):
                 stamps.append(_FROM_HOME)
                 buffer.merges += 1
                 return True
+            if buffer.stored >= buffer.allowed:
+                return None
             data[key] = value  # a flush took it meanwhile, or a piece of it is out already
             stamps.append(_now())
             buffer.stored += 1
@@ -403,6 +433,21 @@ class FreeThreadedStorage(Generic[K, V]):
             if id(key) not in unsettled:
                 keys[key] = key  # requeue_into stored the leftover's (older) key object
         return failed
+
+    def limit_new_records(self, admit: Callable[[Callable[[int], None]], None]) -> None:
+        """From now on a thread stores new records only within an allowance the engine grants (BUF-1).
+
+        A thread whose allowance is spent calls ``admit(grant)``, holding no
+        lock of this storage; the engine calls ``grant(n)`` for ``n`` more, or raises.
+        """
+        with self._locked("create()"):
+            self._admit = admit
+            self.revoke()
+
+    def revoke(self) -> None:
+        """Spend every thread's allowance (the engine calls it after each flush, BUF-2)."""
+        for buffer in self._accounts[0]:
+            buffer.allowed = buffer.stored
 
     def stop_adds(self) -> None:
         self._closed = True  # every add reads it while its buffer is busy or locked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import sysconfig
 import threading
 import time
@@ -28,6 +29,8 @@ _now = time.perf_counter_ns
 _FROM_HOME = -1
 #: The stamp of a record at home (not stored): older than every partial.
 _HOME = -2
+#: A buffer's ``allowed`` while the engine sets no bound (BUF-1).
+UNLIMITED = sys.maxsize
 
 
 @final
@@ -41,12 +44,15 @@ class Buffer(Generic[K, V]):
     into ``state``'s dict and list; other threads replace ``state`` (taking the
     records out) only while holding the storage's ``_shared`` lock, and on
     free-threaded builds also ``lock``, which the owner holds for the whole of
-    each ``add``.
+    each ``add``. ``allowed`` is written under the engine's bound lock (BUF-1).
     """
 
-    __slots__ = ("busy", "lock", "merges", "owner", "state", "stored", "stranded")
+    __slots__ = ("allowed", "busy", "lock", "merges", "owner", "state", "stored", "stranded")
 
-    def __init__(self, owner: threading.Thread) -> None:
+    def __init__(self, owner: threading.Thread, allowed: int) -> None:
+        #: ``stored`` up to which the owner may store new records without asking the
+        #: engine (BUF-1); written by the owner and, to revoke, by a flush.
+        self.allowed = allowed
         self.state: tuple[dict[K, V], list[int]] = ({}, [])
         #: GIL builds: states taken out by a read or flush that then gave up waiting for the
         #: add in flight (which may still write into them), older than ``state``; guarded by
