@@ -29,14 +29,14 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Generic, TypeVar, final
+from typing import Any, TypeVar, final
 
 import aggregator_reference as ar
 from aggregator_reference import kit
 
 __all__ = ["FREE_THREADED_BUILD", "FreeThreadedAggregator", "FreeThreadedStorage"]
 
-from ._gathering import Gathering, settle_among_orphans
+from ._gathering import Gatherer, settle_among_orphans
 from ._parts import (
     _FROM_HOME,
     FREE_THREADED_BUILD,
@@ -45,19 +45,16 @@ from ._parts import (
     Pairs,
     _now,
     count_keys,
-    logger,
     refuse_wait,
-    take,
     wait_for_adds,
 )
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-T = TypeVar("T")
 
 
 @final
-class FreeThreadedStorage(Generic[K, V]):
+class FreeThreadedStorage(Gatherer[K, V]):
     """A :class:`~aggregator_reference.Storage` of per-thread buffers around one shared home.
 
     Thread safety: ``add`` touches only the calling thread's buffer (and, on
@@ -279,93 +276,6 @@ class FreeThreadedStorage(Generic[K, V]):
         if buffer.busy or (FREE_THREADED_BUILD and kit.held_by_this_thread(buffer.lock)):
             kit.refuse_reentrant(call)
         return buffer
-
-    def _log_split(self, key: object) -> None:
-        self.merge_errors += 1
-        logger.error(
-            "freethreaded: merge raised while combining records of key %r from several threads; "
-            "the record splits in two, both are delivered, older first",
-            key,
-            exc_info=True,
-        )
-
-    @kit.holds_locks
-    def _with_own_merging(self, me: Buffer[K, V], work: Callable[[], T]) -> T:
-        """Run ``work`` (it calls ``merge``) with ``me`` locked and busy, so that calls back are refused."""
-        held = me.lock
-        with held:
-            me.busy = True
-            try:
-                return work()
-            finally:
-                me.busy = False
-
-    def _gather(self, me: Buffer[K, V], *, home: bool = False) -> dict[K, V]:
-        """Take every record out and combine each key's pieces (:class:`Gathering` says in which order).
-
-        Drops the buffers of exited threads. Called with ``_shared`` held. If
-        it raises, what was gathered goes back home, pieces not combined go to
-        the orphans in order, and buffers not reached keep theirs: nothing is lost.
-        """
-
-        def gather() -> dict[K, V]:
-            self._gathers += 1  # odd: an add that misses its buffer must ask under _shared
-            try:
-                gathered = gathered_all()
-                if home:  # for a read: the records go home before adds may look there again
-                    self._home_at(gathered)
-                return gathered
-            finally:
-                self._gathers += 1
-
-        def gathered_all() -> dict[K, V]:
-            buffers, (merges, stored) = self._accounts
-            kept, taken = [], []
-            try:
-                # Buffers with no add in flight first, then wait for the others: a writer
-                # descheduled mid-add delays the flush once, not once per such buffer.
-                for block, group in ((False, buffers), (True, later := [])):
-                    for buffer in group:
-                        # Asked before taking: a thread seen dead can add nothing after the take.
-                        alive = buffer is me or buffer.owner.is_alive()
-                        states = take(buffer, me, self._deadline, block=block)
-                        if states is None:
-                            later.append(buffer)
-                            continue
-                        taken.append((buffer, states))
-                        if alive:
-                            kept.append(buffer)
-                        else:
-                            merges, stored = merges + buffer.merges, stored + buffer.stored
-                gathering = Gathering(self._home, self._home_keys, self._log_split)
-                gathering.place([state for _, states in taken for state in states])
-            except BaseException:  # no merge ran, nothing changed: every state goes back, in order
-                for buffer, states in taken:
-                    buffer.stranded[:0] = states
-                raise
-            self._home, self._home_keys, self._taken_home = {}, {}, set()
-            self._accounts = (tuple(kept), (merges, stored))
-            orphans = self._orphans
-            orphans.extend(gathering.split)
-            try:
-                return gathering.combined(self._merge, orphans)
-            except BaseException:
-                self._home_at(gathering.abandon(orphans))
-                raise
-
-        return self._with_own_merging(me, gather)
-
-    def _home_at(self, records: dict[K, V]) -> None:
-        """Make ``records`` the home (their key objects are the ones stored first)."""
-        self._home = records
-        self._home_keys = {key: key for key in records}
-
-    def _consolidate(self, me: Buffer[K, V]) -> None:
-        """Move every record home, partials combined, for a read. Called with ``_shared`` held."""
-        self._gather(me, home=True)
-
-    def _others(self) -> list[Mapping[K, V]]:
-        return [*self._transit, Pairs(self._orphans)]
 
     # -- reads ---------------------------------------------------------------------
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Generic, TypeVar, final
 
 from aggregator_reference import kit
 
-from ._parts import _HOME, combine, first_stamps, place, same_key
+from ._parts import _HOME, Buffer, Pairs, combine, first_stamps, logger, place, same_key, take
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+T = TypeVar("T")
 
 #: One key's pieces: (first-add stamp, arrival index, key object, record).
 Piece = tuple[int, int, K, V]
@@ -193,3 +194,109 @@ def _into_oldest_half(
         on_split(key)
         ahead.append(pair)
     return True
+
+
+class Gatherer(Generic[K, V]):
+    """The freethreaded storage's gathers: taking every buffer's records and moving them home.
+
+    A base of :class:`~aggregator_freethreaded.FreeThreadedStorage`, whose
+    docstring says which lock guards each attribute named below.
+    """
+
+    _merge: Callable[[V, V], V]
+    _home: dict[K, V]
+    _home_keys: dict[K, K]
+    _transit: tuple[Mapping[K, V], ...]
+    _orphans: list[tuple[K, V]]
+    _taken_home: set[K]
+    _deadline: float | None
+    _gathers: int
+    _accounts: tuple[tuple[Buffer[K, V], ...], tuple[int, int]]
+    merge_errors: int
+
+    def _log_split(self, key: object) -> None:
+        self.merge_errors += 1
+        logger.error(
+            "freethreaded: merge raised while combining records of key %r from several threads; "
+            "the record splits in two, both are delivered, older first",
+            key,
+            exc_info=True,
+        )
+
+    @kit.holds_locks
+    def _with_own_merging(self, me: Buffer[K, V], work: Callable[[], T]) -> T:
+        """Run ``work`` (it calls ``merge``) with ``me`` locked and busy, so that calls back are refused."""
+        held = me.lock
+        with held:
+            me.busy = True
+            try:
+                return work()
+            finally:
+                me.busy = False
+
+    def _gather(self, me: Buffer[K, V], *, home: bool = False) -> dict[K, V]:
+        """Take every record out and combine each key's pieces (:class:`Gathering` says in which order).
+
+        Drops the buffers of exited threads. Called with ``_shared`` held. If
+        it raises, what was gathered goes back home, pieces not combined go to
+        the orphans in order, and buffers not reached keep theirs: nothing is lost.
+        """
+
+        def gather() -> dict[K, V]:
+            self._gathers += 1  # odd: an add that misses its buffer must ask under _shared
+            try:
+                gathered = gathered_all()
+                if home:  # for a read: the records go home before adds may look there again
+                    self._home_at(gathered)
+                return gathered
+            finally:
+                self._gathers += 1
+
+        def gathered_all() -> dict[K, V]:
+            buffers, (merges, stored) = self._accounts
+            kept, taken = [], []
+            try:
+                # Buffers with no add in flight first, then wait for the others: a writer
+                # descheduled mid-add delays the flush once, not once per such buffer.
+                for block, group in ((False, buffers), (True, later := [])):
+                    for buffer in group:
+                        # Asked before taking: a thread seen dead can add nothing after the take.
+                        alive = buffer is me or buffer.owner.is_alive()
+                        states = take(buffer, me, self._deadline, block=block)
+                        if states is None:
+                            later.append(buffer)
+                            continue
+                        taken.append((buffer, states))
+                        if alive:
+                            kept.append(buffer)
+                        else:
+                            merges, stored = merges + buffer.merges, stored + buffer.stored
+                gathering = Gathering(self._home, self._home_keys, self._log_split)
+                gathering.place([state for _, states in taken for state in states])
+            except BaseException:  # no merge ran, nothing changed: every state goes back, in order
+                for buffer, states in taken:
+                    buffer.stranded[:0] = states
+                raise
+            self._home, self._home_keys, self._taken_home = {}, {}, set()
+            self._accounts = (tuple(kept), (merges, stored))
+            orphans = self._orphans
+            orphans.extend(gathering.split)
+            try:
+                return gathering.combined(self._merge, orphans)
+            except BaseException:
+                self._home_at(gathering.abandon(orphans))
+                raise
+
+        return self._with_own_merging(me, gather)
+
+    def _home_at(self, records: dict[K, V]) -> None:
+        """Make ``records`` the home (their key objects are the ones stored first)."""
+        self._home = records
+        self._home_keys = {key: key for key in records}
+
+    def _consolidate(self, me: Buffer[K, V]) -> None:
+        """Move every record home, partials combined, for a read. Called with ``_shared`` held."""
+        self._gather(me, home=True)
+
+    def _others(self) -> list[Mapping[K, V]]:
+        return [*self._transit, Pairs(self._orphans)]
