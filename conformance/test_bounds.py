@@ -293,3 +293,42 @@ def test_valid_bounds_are_accepted(make: Factory, options: dict[str, float]) -> 
     assert agg.add("a", 1) is False
     call_bounded(lambda: agg.add("b", 1), LIMIT, "add() of a second key")
     assert shutdown_collecting(agg) == {"a": 1, "b": 1}
+
+
+@pytest.mark.clause("REENTRY-1", "BUF-3", "BUF-1")
+@pytest.mark.parametrize(
+    "bounds", [{"flush_at": 1}, {"max_buffered": 4, "max_block": 0.05}], ids=["at", "bound"]
+)
+@pytest.mark.usefixtures("fast_switching")
+def test_merges_adding_other_keys_while_early_flushes_run_never_deadlock(
+    make: Factory, bounds: dict[str, float]
+) -> None:
+    # merge (which may run holding a storage lock) adds another key, so it asks for room
+    # while the flusher, woken early all the time, measures the buffer after each flush.
+    agg: Any = None
+    inner: Counter[str] = Counter()
+
+    def merge(stored: int, incoming: int) -> int:
+        try:
+            agg.add(("inner", incoming), 0)
+        except ar.AggregatorError as exc:  # refused (REENTRY-1) or no room (BUF-1): both fine
+            inner[type(exc).__name__] += 1
+        return stored + incoming
+
+    agg = make(merge, max_pending=10**9, **bounds)
+
+    accepted: list[Counter[Any]] = [Counter(), Counter()]
+
+    def writer(thread: int) -> None:
+        for step in range(150):
+            key = (thread, step % 7)
+            for _ in range(2):
+                try:
+                    agg.add(key, 1)
+                    accepted[thread][key] += 1
+                except ar.BufferFullError:
+                    pass
+
+    run_threads(2, writer, timeout=60)
+    delivered = shutdown_collecting(agg)
+    assert {key: n for key, n in delivered.items() if key[0] != "inner"} == accepted[0] + accepted[1]
