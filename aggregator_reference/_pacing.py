@@ -131,12 +131,18 @@ class Pacer:
         return max(0, self._length + stored - self._mark)
 
     def after_flush(self) -> None:
-        """Measure the buffer anew and wake the adds waiting for room. With the flush lock held."""
+        """Measure the buffer anew and wake the adds waiting for room. With the flush lock held.
+
+        The storage is measured before taking ``_room``: a ``merge`` holding a
+        storage lock may be asking for room (an ``add`` from inside merge).
+        Adds between the measure and the revoke may count twice: an upper estimate.
+        """
+        mark = self._storage.counts()[1]  # before len(): a record stored between counts twice
+        length = len(self._storage)
         with self._room:
             if self.revoke is not None:
-                self.revoke()
-            self._mark = self._storage.counts()[1]  # before len(): a record stored between counts twice
-            self._length = len(self._storage)
+                self.revoke()  # never waits (Storage): safe with _room held
+            self._mark, self._length = mark, length
             self._granted = 0
             self._woke = False
             self._room.notify_all()

@@ -192,7 +192,8 @@ class Storage(Protocol[K, V]):
     locks, then tries again; ``admit`` calls ``grant(n)`` to allow ``n`` more
     new records to that thread, or raises (``BufferFullError``,
     ``AggregatorClosedError``), and then nothing may be stored. ``revoke()``
-    spends every thread's allowance; the engine calls it after each flush.
+    spends every thread's allowance; the engine calls it after each flush,
+    holding the lock ``admit`` runs under, so it must not wait for anything.
     Without them the engine checks the bound in front of ``add``.
     """
 
