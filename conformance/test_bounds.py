@@ -332,3 +332,112 @@ def test_merges_adding_other_keys_while_early_flushes_run_never_deadlock(
     run_threads(2, writer, timeout=60)
     delivered = shutdown_collecting(agg)
     assert {key: n for key, n in delivered.items() if key[0] != "inner"} == accepted[0] + accepted[1]
+
+
+@pytest.mark.clause("BUF-1", "CLOSE-1")
+def test_an_add_waiting_for_room_with_the_output_full_does_not_spin(make: Factory) -> None:
+    agg = make(max_buffered=20, max_pending=1, max_block=1.0)
+    for key in range(21):  # the 21st wakes a flush: one record out, the output is full
+        agg.add(key, 1)
+    before, cpu, wall = agg.stats(), time.process_time(), time.monotonic()
+    with pytest.raises(ar.BufferFullError):
+        call_bounded(lambda: agg.add("new", 1), LIMIT, "add() with no room coming")
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    flushes = agg.stats().flushes - before.flushes
+    # Nothing can make room until a consumer takes from the output: flushing again and
+    # again only re-queues the same records.
+    assert flushes <= 10, f"{flushes} flushes while one add waited {wall:.2f} s for room"
+    assert cpu < 0.5 * wall, f"the wait used {cpu:.2f} s of CPU in {wall:.2f} s"
+
+
+@pytest.mark.clause("BUF-3")
+@pytest.mark.usefixtures("fast_switching")
+def test_every_round_that_reaches_flush_at_is_flushed_early(make: Factory) -> None:
+    # Each round brings the buffer to flush_at while the previous round's early flush may
+    # still be finishing: that wake-up must not be lost (an extra, earlier flush is allowed).
+    agg = make(flush_at=5, max_pending=10**6)
+    key = 0
+    for round_ in range(300):
+        for _ in range(5):
+            agg.add(key, 1)
+            key += 1
+        wait_until(lambda: len(agg) < 5, f"round {round_}'s early flush")
+        agg.drain()
+    assert agg.stats().early_flushes >= 300
+
+
+@pytest.mark.clause("BUF-2")
+@pytest.mark.usefixtures("fast_switching")
+def test_one_writer_never_passes_the_bound_while_flushes_and_a_consumer_race_it(make: Factory) -> None:
+    bound, adds = 8, 15_000
+    agg = make(flush_interval=0.0005, max_buffered=bound, max_pending=4, max_block=5.0)
+    stop = threading.Event()
+    taken: list[tuple[int, int]] = []
+
+    def consume() -> None:  # drains, then stalls: flushes alternately empty and re-queue the buffer
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            if turn % 2:
+                taken.extend(agg.drain())
+            time.sleep(0.0003)
+
+    consumer = Background(consume, "consumer")
+    over = []
+    try:
+        for key in range(adds):
+            agg.add(key, 1)
+            if (seen := len(agg)) > bound:
+                over.append((key, seen))
+    finally:
+        stop.set()
+        consumer.join()
+    assert not over, f"len() passed max_buffered={bound} after {len(over)} add(s), e.g. {over[:3]}"
+    delivered = shutdown_collecting(agg, into=folded(taken))
+    assert delivered == dict.fromkeys(range(adds), 1)
+
+
+@pytest.mark.clause("BUF-1")
+def test_new_keys_below_the_bound_are_accepted_from_threads_that_come_and_go(make: Factory) -> None:
+    # Each key comes from a thread of its own that then exits: whatever a backend set aside
+    # for a thread must not count as buffered records once it is gone.
+    agg = make(max_buffered=30, max_pending=100, max_block=0)
+    refused: list[BaseException] = []
+
+    def add_one(key: int) -> None:
+        try:
+            agg.add(key, 1)
+        except ar.BufferFullError as exc:
+            refused.append(exc)
+
+    for key in range(30):
+        adding = Background(lambda key=key: add_one(key), f"adder {key}")  # type: ignore[misc]
+        adding.join()
+    assert not refused, f"{len(refused)} new key(s) refused below the bound, first: {refused[0]}"
+    assert shutdown_collecting(agg) == dict.fromkeys(range(30), 1)
+
+
+@pytest.mark.clause("BUF-1", "REENTRY-1")
+def test_an_add_from_inside_merge_at_the_bound_does_not_wait_for_a_flush_it_blocks(make: Factory) -> None:
+    agg: Any = None
+    inner: list[object] = []
+
+    def merge(stored: int, incoming: Any) -> Any:
+        if incoming == "call":
+            try:
+                inner.append(agg.add("inner", 1))
+            except ar.AggregatorError as exc:  # refused, or no room: either, but at once
+                inner.append(exc)
+            return stored
+        return stored + incoming
+
+    agg = make(merge, max_buffered=2, max_pending=100, max_block=10)
+    agg.add("a", 1)
+    agg.add("b", 1)  # at the bound
+    started = time.monotonic()
+    agg.add("a", "call")  # this thread: a merge into its record (a thread of its own would not merge)
+    waited = time.monotonic() - started
+    assert len(inner) == 1
+    # The flush it would wait for may need what this merge holds: refused or no room, at once.
+    assert waited < 5, f"the add from inside merge waited {waited:.1f} s"
+    assert shutdown_collecting(agg).items() >= {"a": 1, "b": 1}.items()

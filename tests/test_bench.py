@@ -98,7 +98,8 @@ def test_consumers_and_add_many_are_measured_for_every_backend() -> None:
     ]
     row = [line for line in text.splitlines() if line.startswith("reference")][-1].split()
     assert len(row) == 10
-    assert row[-1].endswith("x") and row[-2].endswith("x")
+    assert row[-1].endswith("x")
+    assert row[-2].endswith("x")
 
 
 def test_consumers_zero_skips_and_the_default_run_measures_them() -> None:
