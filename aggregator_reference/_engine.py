@@ -134,8 +134,13 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
             raise ReentrantMergeError(f"{call} called from inside merge of the same aggregator")
 
     def _tick(self, early: bool = False) -> None:
-        """One flush of the flusher (``early``: woken, BUF-3); skipped if a flush is running; never raises."""
-        if not self._flush_lock.acquire(blocking=False):
+        """One flush of the flusher; never raises.
+
+        A periodic one is skipped if a flush is running (FLUSH-4); an ``early``
+        one (woken, BUF-3) waits for it: that flush may have taken the buffer
+        before the records that asked for this one arrived.
+        """
+        if not self._flush_lock.acquire(blocking=early):
             logger.debug("%s: periodic flush skipped, a flush is still running", type(self).__name__)
             self._ticks_skipped += 1
             return

@@ -189,9 +189,11 @@ class Storage(Protocol[K, V]):
     ``add``: ``limit_new_records(admit)`` and ``revoke()``. After the first,
     before storing a new record, a thread spends its allowance; when it is
     spent, the thread calls ``admit(grant)`` holding none of the storage's
-    locks, then tries again; ``admit`` calls ``grant(n)`` to allow ``n`` more
-    new records to that thread, or raises (``BufferFullError``,
-    ``AggregatorClosedError``), and then nothing may be stored. ``revoke()``
+    locks, then tries again, and once that has stored the record (or
+    failed), calls what ``admit`` returned unless it is ``None``; ``admit``
+    calls ``grant(n)`` to allow ``n`` more new records to that thread, or
+    raises (``BufferFullError``, ``AggregatorClosedError``), and then nothing
+    may be stored. ``revoke()``
     spends every thread's allowance; the engine calls it after each flush,
     holding the lock ``admit`` runs under, so it must not wait for anything.
     Without them the engine checks the bound in front of ``add``.

@@ -88,7 +88,7 @@ class FreeThreadedStorage(Gatherer[K, V]):
         self.merge_errors = 0
         # The engine's admission of new records (BUF-1), once it limits them; buffers then
         # start with no allowance.
-        self._admit: Callable[[Callable[[int], None]], None] | None = None
+        self._admit: Callable[[Callable[[int], None]], Callable[[], None] | None] | None = None
         self.add: Callable[[K, V], bool] = self._add_locked if FREE_THREADED_BUILD else self._add_gil
 
     @property
@@ -223,8 +223,12 @@ class FreeThreadedStorage(Gatherer[K, V]):
         def grant(allowance: int) -> None:
             buffer.allowed = buffer.stored + allowance
 
-        admit(grant)  # may wait for a flush, or raise BufferFullError: nothing stored yet
-        return self.add(key, value)
+        after = admit(grant)  # may wait for a flush, or raise BufferFullError: nothing stored yet
+        try:
+            return self.add(key, value)
+        finally:
+            if after is not None:
+                after()  # the record is in: now the flusher may run (BUF-3)
 
     def _add_from_home_locked(self, buffer: Buffer[K, V], key: K, value: V) -> bool | None:
         """:meth:`_add_from_home` with ``_shared`` and the buffer's lock held.
@@ -344,11 +348,12 @@ class FreeThreadedStorage(Gatherer[K, V]):
                 keys[key] = key  # requeue_into stored the leftover's (older) key object
         return failed
 
-    def limit_new_records(self, admit: Callable[[Callable[[int], None]], None]) -> None:
+    def limit_new_records(self, admit: Callable[[Callable[[int], None]], Callable[[], None] | None]) -> None:
         """From now on a thread stores new records only within an allowance the engine grants (BUF-1).
 
         A thread whose allowance is spent calls ``admit(grant)``, holding no
-        lock of this storage; the engine calls ``grant(n)`` for ``n`` more, or raises.
+        lock of this storage; the engine calls ``grant(n)`` for ``n`` more, or
+        raises; what it returns is called once the record is stored.
         """
         with self._locked("create()"):
             self._admit = admit
