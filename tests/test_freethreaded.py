@@ -202,4 +202,3 @@ def test_a_hash_failing_anywhere_loses_nothing_and_keeps_other_keys_in_order(err
         for pool in pools:
             pool.shutdown()
     assert not problems, problems
-
