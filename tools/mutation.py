@@ -1,10 +1,10 @@
 """Mutation testing: how many deliberately broken versions of the code the conformance suite catches.
 
 Run it as ``tox -e mutation [-- FILE ...]`` (see ``tox.ini``). For each FILE
-(by default the shared engine, the output, the reference storage and the
-freethreaded storage) cosmic-ray lists every mutant: an operator, comparison,
-constant or ``True``/``False`` swapped, a decorator removed, an exception type
-replaced. Each mutant is written into a copy of the tree (the working tree is
+(by default the shared engine with its argument checks, exit waits and
+bounds, the output, the reference storage and the freethreaded storage)
+cosmic-ray lists every mutant: an operator, comparison, constant or
+``True``/``False`` swapped, a decorator removed, an exception type replaced. Each mutant is written into a copy of the tree (the working tree is
 never touched) and the conformance suite runs against it, restricted to the
 backend that executes the file (``--backend freethreaded`` for
 ``backends/aggregator_freethreaded``, ``--backend reference`` otherwise), with
@@ -47,6 +47,7 @@ DEFAULT_FILES = (
     "aggregator_reference/_engine.py",
     "aggregator_reference/_exit.py",
     "aggregator_reference/_output.py",
+    "aggregator_reference/_pacing.py",
     "aggregator_reference/_reference.py",
     "backends/aggregator_freethreaded/__init__.py",
     "backends/aggregator_freethreaded/_parts.py",
