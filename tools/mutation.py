@@ -4,8 +4,9 @@ Run it as ``tox -e mutation [-- FILE ...]`` (see ``tox.ini``). For each FILE
 (by default the shared engine with its argument checks, exit waits and
 bounds, the output, the reference storage and the freethreaded storage)
 cosmic-ray lists every mutant: an operator, comparison, constant or
-``True``/``False`` swapped, a decorator removed, an exception type replaced. Each mutant is written into a copy of the tree (the working tree is
-never touched) and the conformance suite runs against it, restricted to the
+``True``/``False`` swapped, a decorator removed, an exception type replaced.
+Each mutant is written into a copy of the tree (the working tree is never
+touched) and the conformance suite runs against it, restricted to the
 backend that executes the file (``--backend freethreaded`` for
 ``backends/aggregator_freethreaded``, ``--backend reference`` otherwise), with
 ``-x``, a per-test timeout and a per-mutant timeout: a mutant that deadlocks
