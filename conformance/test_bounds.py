@@ -442,3 +442,34 @@ def test_an_add_from_inside_merge_at_the_bound_does_not_wait_for_a_flush_it_bloc
     # The flush it would wait for may need what this merge holds: refused or no room, at once.
     assert waited < 5, f"the add from inside merge waited {waited:.1f} s"
     assert shutdown_collecting(agg).items() >= {"a": 1, "b": 1}.items()
+
+
+@pytest.mark.clause("BUF-1", "REENTRY-1")
+def test_an_add_from_inside_another_aggregators_merge_still_waits_a_little_for_room(
+    make: Factory,
+) -> None:
+    # B is full (output and buffer); a consumer makes room 0.3 s later, within the 1 s that
+    # an add from inside another aggregator's merge may wait (CALLBACK_WAIT).
+    target = make(max_buffered=1, max_pending=1, max_block=5)
+    target.add("x", 1)
+    target.flush()
+    target.add("y", 1)
+    outcome: list[object] = []
+
+    def merge(stored: int, incoming: int) -> int:
+        timer = threading.Timer(0.3, target.drain)
+        timer.start()
+        try:
+            outcome.append(target.add("z", 1))
+        except ar.AggregatorError as exc:
+            outcome.append(exc)
+        finally:
+            timer.join()
+        return stored + incoming
+
+    caller = make(merge)
+    caller.add("k", 1)
+    caller.add("k", 1)  # runs merge, which adds to the full target
+    assert outcome == [False], f"the add from inside another's merge did not wait for room: {outcome}"
+    assert shutdown_collecting(caller) == {"k": 2}
+    assert shutdown_collecting(target) == {"y": 1, "z": 1}
