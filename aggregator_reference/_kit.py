@@ -26,6 +26,7 @@ __all__ = [
     "held_by_this_thread",
     "holding",
     "holding_all",
+    "holding_locks_of",
     "holds_locks",
     "in_user_code_of",
     "lookup",
@@ -110,6 +111,24 @@ def in_user_code_of(owner: object) -> bool:
         marked = marked or frame.f_code in _HOLDERS
         if marked and frame.f_locals.get("self") is owner:
             return True
+        frame = frame.f_back
+    return False
+
+
+def holding_locks_of(owner: object) -> bool:
+    """Whether a frame of ``owner`` (a storage) up this thread's stack holds a lock (or names one).
+
+    True inside a ``merge`` that one of ``owner``'s methods runs while it holds
+    ``held`` or ``all_held`` (see :func:`holds_locks`); unlike
+    :func:`in_user_code_of`, not merely because such a method is on the stack
+    after it let go of its locks. It walks the stack: off the hot path only.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _HOLDERS and frame.f_locals.get("self") is owner:
+            local = frame.f_locals
+            if local.get("held") is not None or local.get("all_held"):
+                return True
         frame = frame.f_back
     return False
 

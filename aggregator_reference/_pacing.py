@@ -221,7 +221,7 @@ class Pacer:
         patience = self.max_block
         if (inside := kit.callback_timeout()) >= 0:  # inside a merge holding locks (REENTRY-1):
             # of this aggregator, the flush would need them: no wait; of another, only so long.
-            patience = 0.0 if kit.in_user_code_of(self._storage) else min(patience, inside)
+            patience = 0.0 if kit.holding_locks_of(self._storage) else min(patience, inside)
         deadline = time.monotonic() + patience
         waited = False
         while True:
