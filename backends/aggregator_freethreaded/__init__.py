@@ -149,16 +149,19 @@ class FreeThreadedStorage(Gatherer[K, V]):
             gathers = self._gathers  # odd while a gather runs: home is elsewhere then
             home = self._home
             elsewhere = buffer.stranded or (home and key in home)  # older states, re-queued records
-            if (
-                not elsewhere
-                and not gathers & 1
-                and gathers == self._gathers
-                and buffer.stored < buffer.allowed  # within the engine's bound (BUF-1)
-            ):
-                data[key] = value
-                stamps.append(_now())
-                buffer.stored += 1
-                return False
+            if not elsewhere and not gathers & 1 and gathers == self._gathers:
+                # Counted before it is stored, so that a flush that revokes the allowance
+                # (BUF-2) either sees it counted or makes this check fail.
+                buffer.stored = count = buffer.stored + 1
+                if count <= buffer.allowed:
+                    try:
+                        data[key] = value
+                    except BaseException:  # the key's hash raised this time: nothing stored
+                        buffer.stored = count - 1
+                        raise
+                    stamps.append(_now())
+                    return False
+                buffer.stored = count - 1
         finally:
             buffer.busy = False
         del held
@@ -185,16 +188,19 @@ class FreeThreadedStorage(Gatherer[K, V]):
             gathers = self._gathers  # odd while a gather runs: home is elsewhere then
             home = self._home
             elsewhere = buffer.stranded or (home and key in home)  # older states, re-queued records
-            if (
-                not elsewhere
-                and not gathers & 1
-                and gathers == self._gathers
-                and buffer.stored < buffer.allowed  # within the engine's bound (BUF-1)
-            ):
-                data[key] = value
-                stamps.append(_now())
-                buffer.stored += 1
-                return False
+            if not elsewhere and not gathers & 1 and gathers == self._gathers:
+                # Counted before it is stored, so that a flush that revokes the allowance
+                # (BUF-2) either sees it counted or makes this check fail.
+                buffer.stored = count = buffer.stored + 1
+                if count <= buffer.allowed:
+                    try:
+                        data[key] = value
+                    except BaseException:  # the key's hash raised this time: nothing stored
+                        buffer.stored = count - 1
+                        raise
+                    stamps.append(_now())
+                    return False
+                buffer.stored = count - 1
         finally:
             held.release()
         del held  # released: the rest is not user code holding this lock
@@ -260,11 +266,16 @@ class FreeThreadedStorage(Gatherer[K, V]):
                 stamps.append(_FROM_HOME)
                 buffer.merges += 1
                 return True
-            if buffer.stored >= buffer.allowed:
+            buffer.stored = count = buffer.stored + 1  # counted first, as on the hot path
+            if count > buffer.allowed:
+                buffer.stored = count - 1
                 return None
-            data[key] = value  # a flush took it meanwhile, or a piece of it is out already
+            try:
+                data[key] = value  # a flush took it meanwhile, or a piece of it is out already
+            except BaseException:
+                buffer.stored = count - 1
+                raise
             stamps.append(_now())
-            buffer.stored += 1
             return False
         finally:
             buffer.busy = False
