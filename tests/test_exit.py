@@ -174,8 +174,13 @@ def test_a_consumer_in_a_thread_pool_ends_at_exit() -> None:
 
 
 STALLED_FOREVER = """
-import operator
+import operator, signal
 import aggregator_reference as ar
+
+# As in a terminal: Ctrl-C raises KeyboardInterrupt, whatever disposition or mask this child
+# inherited from the test runner's worker process (which may ignore or block SIGINT).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 from aggregator_reference import _exit
 
 _exit.SHUTDOWN_WARNING_INTERVAL = 0.05
