@@ -319,6 +319,8 @@ def test_a_read_from_another_merge_that_gives_up_loses_no_add_in_flight(backend_
         writer.join(30)
         assert not writer.is_alive(), "the slow adds did not return"
         assert len(outcome) == 1
+        stats = agg.stats()  # one writer: one add merged, two stored, whatever the read did (STAT-1)
+        assert (stats.merges, stats.stored) == (1, 2), stats
     finally:
         shutdown_collecting(caller)
         got = shutdown_collecting(agg)
