@@ -58,6 +58,19 @@ def test_numeric_keys_equal_as_dict_keys_are_one_key(make: Factory) -> None:
     assert sorted(repr(k) for k, _ in agg.drain()) == ["0.0", "1"]
 
 
+@pytest.mark.clause("KEY-1", "FLUSH-2")
+def test_the_key_kept_after_a_requeue_is_the_one_that_created_the_record(make: Factory) -> None:
+    agg = make(operator.add, max_pending=1)
+    agg.add("fill", 1)
+    agg.flush()  # the output is full: the next flush re-queues
+    agg.add(1, 1)
+    assert agg.flush() == 0  # 1 is re-queued
+    agg.add(1.0, 1)  # the same key (KEY-1), added after the re-queue
+    agg.add(True, 1)
+    delivered = shutdown_collecting(agg, into={})
+    assert [repr(key) for key in delivered if key != "fill"] == ["1"], delivered
+
+
 @pytest.mark.clause("KEY-1")
 def test_nan_keys_are_only_themselves(make: Factory) -> None:
     agg = make(operator.add)
