@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["check_arguments", "check_bounds"]
+__all__ = ["check_arguments", "check_bounds", "check_seconds"]
 
 
 def check_arguments(merge: object, flush_interval: object, max_pending: object, shards: object) -> None:
@@ -41,10 +41,15 @@ def check_bounds(max_buffered: object, max_block: object, flush_at: object) -> N
             raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1 or None, got {value}")
-    if isinstance(max_block, bool) or not isinstance(max_block, (int, float)):
-        raise TypeError(f"max_block must be a number of seconds, got {type(max_block).__name__}")
-    if not (0 <= max_block <= threading.TIMEOUT_MAX):
+    check_seconds("max_block", max_block)
+
+
+def check_seconds(name: str, value: object) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is a wait in seconds ``Lock.acquire`` takes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not (0 <= value <= threading.TIMEOUT_MAX):
         raise ValueError(
-            f"max_block must be >= 0 seconds and at most threading.TIMEOUT_MAX "
-            f"({threading.TIMEOUT_MAX:g}), got {max_block!r}"
+            f"{name} must be >= 0 seconds and at most threading.TIMEOUT_MAX "
+            f"({threading.TIMEOUT_MAX:g}), got {value!r}"
         )

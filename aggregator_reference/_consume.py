@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from ._arguments import check_seconds
 
 if TYPE_CHECKING:
     from ._output import Output
@@ -22,13 +23,7 @@ def check_batch_arguments(max_size: object, max_wait: object) -> None:
         raise TypeError(f"max_size must be an int, got {type(max_size).__name__}")
     if max_size < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
-    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)):
-        raise TypeError(f"max_wait must be a number of seconds, got {type(max_wait).__name__}")
-    if not (0 <= max_wait <= threading.TIMEOUT_MAX):
-        raise ValueError(
-            f"max_wait must be >= 0 seconds and at most threading.TIMEOUT_MAX "
-            f"({threading.TIMEOUT_MAX:g}), got {max_wait!r}"
-        )
+    check_seconds("max_wait", max_wait)
 
 
 class Consuming(Generic[K, V]):
