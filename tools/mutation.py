@@ -8,7 +8,9 @@ cosmic-ray lists every mutant: an operator, comparison, constant or
 Each mutant is written into a copy of the tree (the working tree is never
 touched) and the conformance suite runs against it, restricted to the
 backend that executes the file (``--backend freethreaded`` for
-``backends/aggregator_freethreaded``, ``--backend reference`` otherwise), with
+``backends/aggregator_freethreaded``, ``--backend reference`` otherwise, or
+the backends given with ``--backend``: engine code that only one backend
+reaches, such as ``_pacing.py``'s allowance hook, needs that backend), with
 ``-x``, a per-test timeout and a per-mutant timeout: a mutant that deadlocks
 counts as killed ("timeout").
 
@@ -239,7 +241,7 @@ def changed_lines(diff: str | None) -> list[str]:
     ]
 
 
-def mutate_file(path: str, session: Path, command: list[str], timeout: float) -> Tally:
+def mutate_file(path: str, backend: str, session: Path, command: list[str], timeout: float) -> Tally:
     """Create the cosmic-ray session for ``path`` (cwd: the scratch tree) and run every pending mutant."""
     import cosmic_ray.commands
     import cosmic_ray.plugins
@@ -247,7 +249,7 @@ def mutate_file(path: str, session: Path, command: list[str], timeout: float) ->
     from cosmic_ray.work_db import use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 
-    tally = Tally(path, backend_for(path))
+    tally = Tally(path, backend)
     source = Path(path).read_text(encoding="utf-8")
     spans = annotation_spans(source)
 
@@ -366,6 +368,11 @@ def main() -> int:
     )
     parser.add_argument("--skip-stress", action="store_true", help=f"deselect {STRESS_TEST}")
     parser.add_argument("--test-python", default=sys.executable, help="interpreter that runs the suite")
+    parser.add_argument(
+        "--backend",
+        help="run the suite against this backend for every file (default: the file's own backend, "
+        "else reference); e.g. freethreaded for _pacing.py's allowance hook",
+    )
     parser.add_argument("--run-suite", metavar="BACKEND", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_suite:
@@ -382,7 +389,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mutation-tree-") as scratch, working_directory(Path(scratch)):
         copy_tree(Path(scratch))
         for name in files:
-            backend = backend_for(name)
+            backend = args.backend or backend_for(name)
             check_imported_from_here(args.test_python, name)
             command = suite_command(args.test_python, backend, args.test_timeout, args.skip_stress)
             clean_start = time.monotonic()
@@ -396,7 +403,7 @@ def main() -> int:
             print(f"{name}: clean run {clean_seconds:.1f}s, per-mutant timeout {timeout:.0f}s", flush=True)
             session = (args.out / name.replace("/", "_")).with_suffix(".sqlite").resolve()
             session.unlink(missing_ok=True)
-            tallies.append(mutate_file(name, session, command, timeout))
+            tallies.append(mutate_file(name, backend, session, command, timeout))
     header = [
         f"cosmic-ray {version('cosmic-ray')}; each mutant runs: {shlex.quote(args.test_python)} -m pytest "
         f"conformance --backend B -x -p no:xdist --timeout={args.test_timeout:g} --hypothesis-seed=0"
