@@ -9,7 +9,7 @@ Each mutant is written into a copy of the tree (the working tree is never
 touched) and the conformance suite runs against it, restricted to the
 backend that executes the file (``--backend freethreaded`` for
 ``backends/aggregator_freethreaded``, ``--backend reference`` otherwise, or
-the backends given with ``--backend``: engine code that only one backend
+the backends given with ``--backend`` (repeatable): engine code that one backend
 reaches, such as ``_pacing.py``'s allowance hook, needs that backend), with
 ``-x``, a per-test timeout and a per-mutant timeout: a mutant that deadlocks
 counts as killed ("timeout").
@@ -126,7 +126,7 @@ def check_imported_from_here(python: str, path: str) -> None:
 
 
 def run_suite(backend: str, test_timeout: float, skip_stress: bool) -> None:
-    """Replace this process by the conformance run.
+    """Replace this process by the conformance run against ``backend`` (comma-separated names).
 
     The example database is removed first, so that every mutant is tried on the same examples.
     """
@@ -137,8 +137,7 @@ def run_suite(backend: str, test_timeout: float, skip_stress: bool) -> None:
         "-m",
         "pytest",
         "conformance",
-        "--backend",
-        backend,
+        *(option for name in backend.split(",") for option in ("--backend", name)),
         "-x",
         "-q",
         "--no-header",
@@ -370,8 +369,9 @@ def main() -> int:
     parser.add_argument("--test-python", default=sys.executable, help="interpreter that runs the suite")
     parser.add_argument(
         "--backend",
-        help="run the suite against this backend for every file (default: the file's own backend, "
-        "else reference); e.g. freethreaded for _pacing.py's allowance hook",
+        action="append",
+        help="run the suite against this backend (repeatable) for every file (default: the file's own "
+        "backend, else reference); e.g. add freethreaded for _pacing.py's allowance hook",
     )
     parser.add_argument("--run-suite", metavar="BACKEND", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -389,7 +389,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mutation-tree-") as scratch, working_directory(Path(scratch)):
         copy_tree(Path(scratch))
         for name in files:
-            backend = args.backend or backend_for(name)
+            backend = ",".join(args.backend or [backend_for(name)])
             check_imported_from_here(args.test_python, name)
             command = suite_command(args.test_python, backend, args.test_timeout, args.skip_stress)
             clean_start = time.monotonic()
