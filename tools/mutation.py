@@ -206,6 +206,7 @@ class Tally:
     mutants: int = 0
     equivalent: int = 0  # inside annotations, not run
     invalid: int = 0  # the mutated module does not compile, not run
+    outside: int = 0  # outside the --lines ranges, not run
     killed: int = 0
     timeouts: int = 0  # included in killed
     survived: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (line, operator, diff lines)
@@ -214,7 +215,7 @@ class Tally:
 
     @property
     def run(self) -> int:
-        return self.mutants - self.equivalent - self.invalid
+        return self.mutants - self.equivalent - self.invalid - self.outside
 
     def score(self) -> str:
         return f"{self.killed}/{self.run - len(self.broken)}"
@@ -240,8 +241,19 @@ def changed_lines(diff: str | None) -> list[str]:
     ]
 
 
-def mutate_file(path: str, backend: str, session: Path, command: list[str], timeout: float) -> Tally:
-    """Create the cosmic-ray session for ``path`` (cwd: the scratch tree) and run every pending mutant."""
+def mutate_file(
+    path: str,
+    backend: str,
+    session: Path,
+    command: list[str],
+    timeout: float,
+    *,
+    lines: list[tuple[int, int]] | None = None,
+) -> Tally:
+    """Create the cosmic-ray session for ``path`` (cwd: the scratch tree) and run its mutants.
+
+    With ``lines``, only mutants starting on a line within one of those inclusive ranges run.
+    """
     import cosmic_ray.commands
     import cosmic_ray.plugins
     from cosmic_ray.mutating import mutate_and_test, mutate_code
@@ -281,6 +293,12 @@ def mutate_file(path: str, backend: str, session: Path, command: list[str], time
                     ),
                 )
                 tally.equivalent += 1
+            elif lines and not any(lo <= mutation.start_pos[0] <= hi for lo, hi in lines):
+                db.set_result(
+                    item.job_id,
+                    WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="outside --lines"),
+                )
+                tally.outside += 1
             elif not compiles(mutation):  # e.g. the ``/`` that ends positional-only parameters
                 db.set_result(
                     item.job_id,
@@ -330,7 +348,9 @@ def summary(tallies: list[Tally], header: list[str]) -> str:
         out.append(
             f"{t.path.ljust(width)}  {t.backend:<12}  {t.score():>10}  {pct}  "
             f"({t.timeouts} timeouts, {len(t.survived)} survived; not run: {t.equivalent} in "
-            f"annotations, {t.invalid} not compiling; {t.seconds / 60:.1f} min)"
+            f"annotations, {t.invalid} not compiling"
+            + (f", {t.outside} outside --lines" if t.outside else "")
+            + f"; {t.seconds / 60:.1f} min)"
         )
     if len(tallies) > 1:
         pct = f"{100 * total_killed / total_run:5.1f}%" if total_run else "    -"
@@ -347,6 +367,18 @@ def summary(tallies: list[Tally], header: list[str]) -> str:
         out += ["", "Mutants that could not be run (cosmic-ray failed to apply them; not counted):"]
         out += [f"{path}:{line}  {op}" for path, line, op in broken]
     return "\n".join(out) + "\n"
+
+
+def line_range(text: str) -> tuple[int, int]:
+    """``"120-186"`` -> ``(120, 186)``; ``"151"`` -> ``(151, 151)``."""
+    first, _, last = text.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST line numbers, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= FIRST <= LAST, got {text!r}")
+    return lo, hi
 
 
 def main() -> int:
@@ -372,6 +404,14 @@ def main() -> int:
         action="append",
         help="run the suite against this backend (repeatable) for every file (default: the file's own "
         "backend, else reference); e.g. add freethreaded for _pacing.py's allowance hook",
+    )
+    parser.add_argument(
+        "--lines",
+        action="append",
+        type=line_range,
+        metavar="FIRST-LAST",
+        help="run only mutants starting on these lines (repeatable), e.g. code that only a "
+        "free-threaded build runs, with --test-python python3.13t",
     )
     parser.add_argument("--run-suite", metavar="BACKEND", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -403,7 +443,7 @@ def main() -> int:
             print(f"{name}: clean run {clean_seconds:.1f}s, per-mutant timeout {timeout:.0f}s", flush=True)
             session = (args.out / name.replace("/", "_")).with_suffix(".sqlite").resolve()
             session.unlink(missing_ok=True)
-            tallies.append(mutate_file(name, backend, session, command, timeout))
+            tallies.append(mutate_file(name, backend, session, command, timeout, lines=args.lines))
     header = [
         f"cosmic-ray {version('cosmic-ray')}; each mutant runs: {shlex.quote(args.test_python)} -m pytest "
         f"conformance --backend B -x -p no:xdist --timeout={args.test_timeout:g} --hypothesis-seed=0"
