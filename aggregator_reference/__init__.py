@@ -16,12 +16,14 @@ Nothing is ever dropped. The contract is ``spec/CONTRACT.md``.
 from __future__ import annotations
 
 from . import _kit as kit
+from ._delivery import AsyncSink, Delivery, DeliveryStats, Retry, Sink
 from ._engine import BufferedAggregator
 from ._errors import (
     AggregatorClosedError,
     AggregatorError,
     BackendNotFoundError,
     BufferFullError,
+    DeliveryError,
     ReentrantMergeError,
 )
 from ._exit import set_exit_timeout
@@ -42,13 +44,19 @@ __all__ = [
     "Aggregator",
     "AggregatorClosedError",
     "AggregatorError",
+    "AsyncSink",
     "BackendNotFoundError",
     "BufferFullError",
     "BufferedAggregator",
+    "Delivery",
+    "DeliveryError",
+    "DeliveryStats",
     "Merge",
     "ReentrantMergeError",
     "ReferenceAggregator",
     "ReferenceStorage",
+    "Retry",
+    "Sink",
     "Stats",
     "Storage",
     "backend_names",

@@ -17,6 +17,7 @@ from . import _exit
 from . import _kit as kit
 from ._arguments import check_arguments, check_bounds
 from ._consume import Consuming
+from ._delivering import Delivering
 from ._errors import AggregatorClosedError, ReentrantMergeError
 from ._output import Output
 from ._pacing import Flusher, Pacer
@@ -31,7 +32,7 @@ V = TypeVar("V")
 logger = logging.getLogger("aggregator_reference")
 
 
-class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
+class BufferedAggregator(Writing[K, V], Consuming[K, V], Delivering[K, V], Generic[K, V]):
     """The engine: an :class:`~aggregator_reference.Aggregator` over a backend's :class:`Storage`.
 
     A backend subclasses it and sets :attr:`storage_class`; nothing else::
@@ -334,6 +335,7 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Generic[K, V]):
                     "drain the output and call shutdown() again"
                 )
         self._output.close()
+        self._wait_for_deliveries(wait)
         self._closed = True
 
     def _close_storage(self, wait: _exit.Patience) -> None:

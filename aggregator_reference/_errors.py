@@ -12,6 +12,7 @@ __all__ = [
     "AggregatorError",
     "BackendNotFoundError",
     "BufferFullError",
+    "DeliveryError",
     "ReentrantMergeError",
 ]
 
@@ -33,6 +34,10 @@ class BufferFullError(AggregatorError):
 
     Nothing was stored; the message names the records buffered and the bound (BUF-1).
     """
+
+
+class DeliveryError(AggregatorError, RuntimeError):
+    """Raised by ``deliver()`` while another delivery of the same aggregator is still running."""
 
 
 class BackendNotFoundError(AggregatorError, LookupError):

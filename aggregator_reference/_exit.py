@@ -107,6 +107,12 @@ MERGE = Waiting(
     "to stop waiting (nothing is lost when it times out)",
     countable=False,
 )
+DELIVERY = Waiting(
+    "the delivery to write what it took into its sink",
+    "while the sink fails, the delivery retries its batch (see Delivery.stats()); fix the sink, "
+    "or pass timeout=... to shutdown() (nothing is lost when it times out)",
+    countable=True,
+)
 FLUSH = Waiting(
     "a running flush to finish (a merge is still running)",
     MERGE.advice,
@@ -348,9 +354,11 @@ class _Ending:
             return
         aggregator._output.close()  # consumers' records() loops end once it is empty
         name = type(aggregator).__name__
+        held = aggregator._deliveries_held()
         left = (
             f"{aggregator.pending} record(s) pending in the output, "
-            f"{_count_buffered(aggregator)} key(s) still buffered, not delivered"
+            + (f"{held} record(s) held by a delivery whose sink did not take them, " if held else "")
+            + f"{_count_buffered(aggregator)} key(s) still buffered, not delivered"
         )
         if self.done and not isinstance(self.error, TimeoutError):
             logger.error(

@@ -1,0 +1,140 @@
+"""The engine's ``deliver``/``adeliver``: start a :class:`~aggregator_reference.Delivery` (SINK-1..SINK-4)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._consume import check_batch_arguments
+from ._delivery import AsyncSink, Delivery, Retry, Sink
+from ._errors import DeliveryError
+from ._exit import DELIVERY
+
+if TYPE_CHECKING:
+    from ._exit import Patience
+
+__all__ = ["Delivering"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+#: ``Retry()``: 0.1 s, doubling up to 30 s, with jitter. Frozen, so one shared default is safe.
+DEFAULT_RETRY = Retry()
+
+
+def check_delivery_arguments(sink: object, batch_size: object, max_wait: object, retry: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming a bad argument of ``deliver()`` (SINK-1)."""
+    if not callable(getattr(sink, "write", None)):
+        raise TypeError(f"sink must have a write(batch, batch_id) method, got {type(sink).__name__}")
+    try:
+        check_batch_arguments(batch_size, max_wait)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(str(exc).replace("max_size", "batch_size", 1)) from None
+    if not isinstance(retry, Retry):
+        raise TypeError(f"retry must be an aggregator_reference.Retry, got {type(retry).__name__}")
+
+
+#: Guards every aggregator's ``_deliveries`` (rarely written: once per ``deliver()``).
+_deliveries_lock = threading.Lock()
+
+
+class Delivering(Generic[K, V]):
+    """``deliver``/``adeliver``; mixed into :class:`~aggregator_reference.BufferedAggregator`."""
+
+    #: The deliveries started on this aggregator, newest last; replaced, never mutated.
+    _deliveries: tuple[Delivery[K, V], ...] = ()
+
+    def deliver(
+        self,
+        sink: Sink[K, V],
+        *,
+        batch_size: int = 500,
+        max_wait: float = 0.5,
+        retry: Retry = DEFAULT_RETRY,
+    ) -> Delivery[K, V]:
+        """Start a thread that writes every flushed record into ``sink``, in batches (SINK-1, SINK-2).
+
+        Batches are as :meth:`batches` gives them (``batch_size`` records, or
+        what arrived within ``max_wait`` seconds). A batch whose write raises
+        is written again, whole, with the same ``batch_id``, after a back-off
+        (``retry``), until it is written: never dropped, never reordered. While
+        the sink fails, the output fills and flushes re-queue: ``add`` keeps
+        merging (SINK-3). ``shutdown()`` waits for the delivery to write
+        everything, then the sink's ``close()``, if any, is called (SINK-4).
+
+        At most one delivery runs per aggregator, so that the records of one
+        key reach the sink in order; do not also consume with ``records()``.
+
+        Thread-safe. Returns the :class:`Delivery` handle: its ``stats()``,
+        ``wait()`` and the records it holds.
+
+        Raises:
+            TypeError, ValueError: a bad argument (the message names it).
+            DeliveryError: another delivery of this aggregator is still running.
+        """
+        delivery = self._start_delivery(sink, batch_size, max_wait, retry)
+        # A daemon: at exit, a sink that keeps failing must not keep the process alive (LIFE-2
+        # logs what it held instead).
+        delivery.thread = threading.Thread(
+            target=delivery.run, name=f"delivery-{delivery.writer[:8]}", daemon=True
+        )
+        delivery.thread.start()
+        return delivery
+
+    def adeliver(
+        self,
+        sink: Sink[K, V] | AsyncSink[K, V],
+        *,
+        batch_size: int = 500,
+        max_wait: float = 0.5,
+        retry: Retry = DEFAULT_RETRY,
+    ) -> Delivery[K, V]:
+        """:meth:`deliver` as a task of the running event loop; ``write`` may be a coroutine (SINK-1).
+
+        Call it from a coroutine. Use ``await agg.ashutdown()`` in that loop:
+        a blocking ``shutdown()`` there would stop the task it waits for.
+        Do not cancel the task (it is kept by the handle): the records of a
+        batch it holds would be left only in :meth:`Delivery.held`.
+
+        Raises:
+            RuntimeError: no event loop is running in this thread.
+            TypeError, ValueError, DeliveryError: as :meth:`deliver`.
+        """
+        loop = asyncio.get_running_loop()
+        delivery = self._start_delivery(sink, batch_size, max_wait, retry)
+        delivery.task = loop.create_task(delivery.arun(), name=f"delivery-{delivery.writer[:8]}")
+        return delivery
+
+    def _start_delivery(self, sink: Any, batch_size: int, max_wait: float, retry: Retry) -> Delivery[K, V]:
+        check_delivery_arguments(sink, batch_size, max_wait, retry)
+        with _deliveries_lock:
+            running = [d for d in self._deliveries if not d.done]
+            if running:
+                raise DeliveryError(
+                    f"a delivery into {running[0].sink!r} is still running on this aggregator; one "
+                    "delivery at a time keeps each key's records in order"
+                )
+            delivery = Delivery(self, sink, batch_size, float(max_wait), retry)  # type: ignore[arg-type]
+            self._deliveries = (*self._deliveries, delivery)
+        return delivery
+
+    def _deliveries_held(self) -> int:
+        """Records taken by deliveries and not yet written."""
+        return sum(len(d._held) for d in self._deliveries)
+
+    def _wait_for_deliveries(self, wait: Patience) -> None:
+        """Part of ``shutdown()``, once the output is closed: wait until every delivery has ended."""
+        here = threading.current_thread()
+        for delivery in self._deliveries:
+            if delivery.thread is here:
+                continue  # shutdown() from inside the sink's write: its own delivery ends after it
+            if not wait.until(delivery.wait, DELIVERY):
+                s = delivery.stats()
+                raise TimeoutError(
+                    f"shutdown() timed out waiting for the delivery into {delivery.sink!r}: "
+                    f"{s.held} record(s) held, {self.pending} pending"  # type: ignore[attr-defined]
+                    + (f", writes failing ({s.retries} retries; last: {s.last_error!r})" if s.failing else "")
+                    + "; nothing was lost, call shutdown() again"
+                )

@@ -1,0 +1,288 @@
+"""Delivery: a managed consumer that writes batches into a sink, retrying, never dropping (SINK-1..SINK-4)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import random
+import threading
+import uuid
+from collections.abc import Awaitable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, final, runtime_checkable
+
+if TYPE_CHECKING:
+    from ._engine import BufferedAggregator
+
+__all__ = ["AsyncSink", "Delivery", "DeliveryStats", "Retry", "Sink"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+logger = logging.getLogger("aggregator_reference")
+
+
+@runtime_checkable
+class Sink(Protocol[K, V]):
+    """Where :meth:`~aggregator_reference.BufferedAggregator.deliver` writes batches.
+
+    ``write(batch, batch_id)`` applies a list of ``(key, value)`` records, or
+    raises. A batch that raised is written again, whole and with the same
+    ``batch_id``, until a write returns (SINK-2); a sink that remembers the
+    ids it applied (in the same transaction as the batch) applies each batch
+    exactly once. ``batch_id`` is ``"<writer>:<n>"``: ``writer`` is unique to
+    one :class:`Delivery` (a random UUID) and ``n`` counts its batches from 1,
+    so ids never repeat across processes and machines, and once batch ``n``
+    of a writer has been acknowledged no batch ``m <= n`` of it is written
+    again. A sink may also have ``close()``, called once after its last batch.
+
+    ``write`` is called from one thread (or task) at a time, the delivery's own.
+    """
+
+    def write(self, batch: list[tuple[K, V]], batch_id: str, /) -> None: ...
+
+
+@runtime_checkable
+class AsyncSink(Protocol[K, V]):
+    """:class:`Sink` for an event loop: ``write`` (and ``close``, if any) may be coroutines."""
+
+    def write(self, batch: list[tuple[K, V]], batch_id: str, /) -> Awaitable[None]: ...
+
+
+@final
+@dataclass(frozen=True)
+class Retry:
+    """How long a delivery waits before writing a failed batch again: exponential back-off with jitter.
+
+    The ``n``-th wait in a row (from 0) lasts a random time between half and
+    all of ``min(maximum, first * factor ** n)`` seconds; the jitter keeps many
+    processes that failed together from retrying together. A write that
+    succeeds starts the count again.
+
+    Raises:
+        TypeError, ValueError: a field is not a finite number, ``first`` or
+            ``maximum`` is not > 0, ``maximum < first``, or ``factor < 1``.
+    """
+
+    first: float = 0.1
+    maximum: float = 30.0
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("first", "maximum", "factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"Retry.{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"Retry.{name} must be finite, got {value!r}")
+        if self.first <= 0:
+            raise ValueError(f"Retry.first must be > 0 seconds, got {self.first!r}")
+        if self.maximum < self.first:
+            raise ValueError(f"Retry.maximum must be >= first ({self.first!r}), got {self.maximum!r}")
+        if self.factor < 1:
+            raise ValueError(f"Retry.factor must be >= 1, got {self.factor!r}")
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` (>= 1) failed writes of one batch in a row."""
+        exponent = min(failures - 1, 1024)  # factor ** exponent stays finite or overflows to the cap
+        try:
+            ceiling = min(self.maximum, self.first * self.factor**exponent)
+        except OverflowError:
+            ceiling = self.maximum
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@final
+@dataclass(frozen=True)
+class DeliveryStats:
+    """A snapshot of one delivery's counters (SINK-3).
+
+    Attributes:
+        batches: batches written (each counted once, however often it was retried).
+        records: records in those batches.
+        retries: failed writes (each followed by a wait and a retry of the same batch).
+        held: records taken from the output and not yet written: the batch
+            being written or waiting for its retry; 0 when idle.
+        last_error: the exception of the last failed write, ``None`` if none failed;
+            kept after later writes succeed.
+        failing: whether the batch held now has failed at least once.
+        done: whether the delivery has ended (the aggregator shut down and
+            every record written, or the sink raised a ``BaseException``).
+    """
+
+    batches: int
+    records: int
+    retries: int
+    held: int
+    last_error: BaseException | None
+    failing: bool
+    done: bool
+
+
+@final
+class Delivery(Generic[K, V]):
+    """A running delivery: its consumer takes batches from the output and writes them into the sink.
+
+    Create one with :meth:`~aggregator_reference.BufferedAggregator.deliver`
+    (a thread) or ``adeliver`` (a task of the running event loop).
+
+    Thread safety: every method may be called from any thread. The counters
+    are written only by the delivery's own thread or task; ``stats()`` reads
+    them without a lock, so its fields may come from two moments a write apart.
+    """
+
+    def __init__(
+        self,
+        aggregator: BufferedAggregator[K, V],
+        sink: Sink[K, V] | AsyncSink[K, V],
+        batch_size: int,
+        max_wait: float,
+        retry: Retry,
+    ) -> None:
+        self.sink = sink
+        self.writer = uuid.uuid4().hex
+        self._aggregator = aggregator
+        self._batch_size = batch_size
+        self._max_wait = max_wait
+        self._retry = retry
+        self._batches = self._records = self._retries = 0
+        self._held: list[tuple[K, V]] = []
+        self._failures = 0  # failed writes of the batch held now
+        self._last_error: BaseException | None = None
+        self._done = threading.Event()  # set once the consumer has ended, whatever the reason
+        self.error: BaseException | None = None  # the BaseException that ended it early, if any
+        self.thread: threading.Thread | None = None  # the consumer of deliver()
+        self.task: asyncio.Task[None] | None = None  # the consumer of adeliver()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "done" if s.done else ("failing" if s.failing else "running")
+        return f"<Delivery {state} into {self.sink!r}: {s.batches} batches, {s.held} held>"
+
+    @property
+    def done(self) -> bool:
+        """Whether the delivery has ended (see :attr:`DeliveryStats.done`)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the delivery has ended or ``timeout`` seconds passed; return :attr:`done`.
+
+        It ends after the aggregator's ``shutdown()`` once every record is
+        written; use ``shutdown()`` itself to wait for that.
+        """
+        return self._done.wait(timeout)
+
+    def stats(self) -> DeliveryStats:
+        """The counters now (see :class:`DeliveryStats`)."""
+        return DeliveryStats(
+            batches=self._batches,
+            records=self._records,
+            retries=self._retries,
+            held=len(self._held),
+            last_error=self._last_error,
+            failing=self._failures > 0,
+            done=self._done.is_set(),
+        )
+
+    def held(self) -> list[tuple[K, V]]:
+        """A copy of the records taken from the output and not yet written (see :attr:`DeliveryStats.held`).
+
+        After the delivery ended early (a ``BaseException`` from the sink, see
+        :attr:`error`), these are the records it could not write: nothing else holds them.
+        """
+        return list(self._held)
+
+    # -- the consumer ----------------------------------------------------------
+
+    def _next_id(self) -> str:
+        return f"{self.writer}:{self._batches + 1}"
+
+    def _failed(self, exc: Exception, batch_id: str) -> float:
+        """Count a failed write of the held batch, log it, and return how long to wait."""
+        self._failures += 1
+        self._retries += 1
+        self._last_error = exc
+        delay = self._retry.delay(self._failures)
+        log = logger.warning if self._failures == 1 or self._failures % 10 == 0 else logger.debug
+        log(
+            "delivery into %r: batch %s (%d record(s)) failed %d time(s) (%s: %s); retrying in %.2f s",
+            self.sink,
+            batch_id,
+            len(self._held),
+            self._failures,
+            type(exc).__name__,
+            exc,
+            delay,
+        )
+        return delay
+
+    def _written(self) -> None:
+        self._batches += 1
+        self._records += len(self._held)
+        self._held = []
+        self._failures = 0
+
+    def run(self) -> None:
+        """The delivery thread: write each batch until it is written; close the sink at the end."""
+        try:
+            for batch in self._aggregator.batches(self._batch_size, self._max_wait):
+                self._held = batch
+                batch_id = self._next_id()
+                while True:
+                    try:
+                        self.sink.write(batch, batch_id)
+                    except Exception as exc:
+                        # An Event, not time.sleep: nothing wakes it, but it never holds a lock.
+                        threading.Event().wait(self._failed(exc, batch_id))
+                        continue
+                    self._written()
+                    break
+            close = getattr(self.sink, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:
+            self._stopped(exc)
+        finally:
+            self._done.set()
+
+    async def arun(self) -> None:
+        """The delivery task: :meth:`run` for an event loop (``write``/``close`` may be coroutines)."""
+        try:
+            async for batch in self._aggregator.abatches(self._batch_size, self._max_wait):
+                self._held = batch
+                batch_id = self._next_id()
+                while True:
+                    try:
+                        result = self.sink.write(batch, batch_id)
+                        if inspect.isawaitable(result):
+                            await result
+                    except Exception as exc:
+                        await asyncio.sleep(self._failed(exc, batch_id))
+                        continue
+                    self._written()
+                    break
+            close = getattr(self.sink, "close", None)
+            if close is not None:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+        except BaseException as exc:
+            self._stopped(exc)
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
+        finally:
+            self._done.set()
+
+    def _stopped(self, exc: BaseException) -> None:
+        """The consumer ends early: keep the error and say what it leaves behind (SINK-4)."""
+        self.error = exc
+        logger.error(
+            "delivery into %r stopped by %s: %d record(s) taken from the output were not written "
+            "(Delivery.held() returns them); records still buffered or pending stay in the aggregator",
+            self.sink,
+            type(exc).__name__,
+            len(self._held),
+            exc_info=not isinstance(exc, asyncio.CancelledError),
+        )
