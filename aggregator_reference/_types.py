@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, TypeVar, overload, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, overload, runtime_checkable
+
+if TYPE_CHECKING:
+    from ._delivery import AsyncSink, Delivery, Retry, Sink
 
 __all__ = ["Aggregator", "Merge", "Stats", "Storage"]
 
@@ -117,6 +120,23 @@ class Aggregator(Protocol[K, V]):
 
     async def ashutdown(self, timeout: float | None = None) -> None:
         """``shutdown()`` for asyncio [OUT-6]."""
+        ...
+
+    def deliver(
+        self, sink: Sink[K, V], *, batch_size: int = 500, max_wait: float = 0.5, retry: Retry = ...
+    ) -> Delivery[K, V]:
+        """Start a thread writing every flushed record into ``sink``, retrying, never dropping [SINK-1]."""
+        ...
+
+    def adeliver(
+        self,
+        sink: Sink[K, V] | AsyncSink[K, V],
+        *,
+        batch_size: int = 500,
+        max_wait: float = 0.5,
+        retry: Retry = ...,
+    ) -> Delivery[K, V]:
+        """:meth:`deliver` as a task of the running event loop [SINK-1]."""
         ...
 
     @overload

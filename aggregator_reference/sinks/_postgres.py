@@ -1,0 +1,182 @@
+"""The PostgreSQL sink: psycopg 3, one transaction per batch (SINK-5). Imported only when used."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable
+from typing import Any, Generic, Literal, TypeVar, final
+
+from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, parse_batch_id, rounds
+
+try:
+    import psycopg
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "PostgresSink needs psycopg 3: pip install 'aggregator-reference[postgres]' "
+        "(on a free-threaded Python, pip install psycopg with the system's libpq)"
+    ) from exc
+
+__all__ = ["PostgresSink"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@final
+class PostgresSink(Generic[K, V]):
+    """Upsert batches into a PostgreSQL table, each batch exactly once (SINK-5).
+
+    As :class:`~aggregator_reference.sinks.SQLiteSink`: one transaction per
+    batch that first claims the batch's number in the ledger
+    ``<table>_ledger`` (skipping a batch applied before), then upserts with
+    ``ON CONFLICT (key) DO UPDATE SET value = <merge>``; ``merge`` is an SQL
+    expression of ``{stored}`` and ``{incoming}`` (a sum by default;
+    ``"GREATEST({stored}, {incoming})"`` keeps the largest). The table
+    ``(key <key_type> PRIMARY KEY, value <value_type>)`` and the ledger are
+    created if missing. Many processes on many machines may deliver into one
+    table: the ledger row of a batch's writer is locked by its transaction,
+    so a retry waits for an attempt still committing and then skips it.
+
+    ``method`` says how the records travel: ``"executemany"`` (psycopg's
+    pipelined ``executemany`` of the upsert, the default: faster here for
+    batches up to a few thousand records) or ``"copy"`` (``COPY`` into a
+    temporary table, then one ``INSERT ... SELECT ... ON CONFLICT``).
+
+    The ledger is pruned as SQLiteSink's: rows untouched for
+    ``ledger_retention`` seconds are deleted every ``PRUNE_EVERY`` batches.
+
+    Thread safety: ``write`` and ``close`` may be called from any thread; a
+    lock makes them take turns on the one connection, opened at the first
+    write and again after a failed one.
+
+    Raises (from the constructor):
+        TypeError, ValueError: a bad argument (the message names it).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        table: str = "aggregates",
+        merge: str = "{stored} + {incoming}",
+        key_type: str = "TEXT",
+        value_type: str = "BIGINT",
+        method: Literal["executemany", "copy"] = "executemany",
+        connect_timeout: float = 10.0,
+        ledger_retention: float = LEDGER_RETENTION,
+    ) -> None:
+        if not isinstance(dsn, str):
+            raise TypeError(f"dsn must be a str (a libpq connection string or URI), got {type(dsn).__name__}")
+        if method not in ("executemany", "copy"):
+            raise ValueError(f"method must be 'executemany' or 'copy', got {method!r}")
+        for name, sql_type in (("key_type", key_type), ("value_type", value_type)):
+            if not isinstance(sql_type, str) or not sql_type.replace(" ", "").isalnum():
+                raise ValueError(f"{name} must be an SQL type name such as 'BIGINT', got {sql_type!r}")
+        if not ledger_retention > 0 or not connect_timeout > 0:
+            raise ValueError(
+                f"connect_timeout and ledger_retention must be > 0 seconds, "
+                f"got {connect_timeout!r} and {ledger_retention!r}"
+            )
+        self.dsn = dsn
+        self.table = table
+        self.method = method
+        self.key_type, self.value_type = key_type, value_type
+        self.connect_timeout = float(connect_timeout)
+        self.ledger_retention = float(ledger_retention)
+        self._sql = Statements(table, merge, "%s")
+        self._lock = threading.Lock()  # guards _connection and _written
+        self._connection: psycopg.Connection[Any] | None = None
+        self._written = 0
+
+    def __repr__(self) -> str:
+        return f"PostgresSink(table={self.table!r}, method={self.method!r})"
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        if self._connection is None or self._connection.closed:
+            connection = psycopg.connect(self.dsn, connect_timeout=max(1, round(self.connect_timeout)))
+            try:
+                with connection.transaction():
+                    # Two processes creating the same table at once: one waits for the other.
+                    connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
+                    for statement in self._sql.create(self.key_type, self.value_type, "DOUBLE PRECISION"):
+                        connection.execute(statement)  # built from checked names
+            except BaseException:
+                connection.close()
+                raise
+            self._connection = connection
+        return self._connection
+
+    def write(self, batch: list[tuple[K, V]], batch_id: str, /) -> None:
+        """Apply ``batch`` in one transaction, unless the ledger shows ``batch_id`` applied already.
+
+        Raises:
+            ValueError: ``batch_id`` is not ``"<writer>:<n>"``.
+            psycopg.Error: the server refused or the connection broke; the
+                transaction was rolled back (or its outcome is unknown: a retry
+                with the same ``batch_id`` is then applied at most once).
+        """
+        writer, number = parse_batch_id(batch_id)
+        with self._lock:
+            connection = self._connect()
+            try:
+                self._apply(connection, batch, batch_id, writer, number)
+            except BaseException:
+                connection.close()  # a broken or unknown state: the next write reconnects
+                self._connection = None
+                raise
+
+    def _apply(
+        self,
+        connection: psycopg.Connection[Any],
+        batch: list[tuple[K, V]],
+        batch_id: str,
+        writer: str,
+        number: int,
+    ) -> None:
+        now = time.time()
+        with connection.transaction(), connection.cursor() as cursor:
+            cursor.execute(self._sql.claim(), (writer, number, now))
+            if cursor.fetchone() is None:
+                raise psycopg.Rollback  # applied before; its acknowledgement was lost
+            if self._written % PRUNE_EVERY == 0:
+                cursor.execute(self._sql.prune(), (now - self.ledger_retention,))
+            if self.method == "executemany":
+                cursor.executemany(self._sql.upsert(), batch)
+            else:
+                self._copy(cursor, batch)
+            self.before_commit(batch_id)
+        if connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            self._written += 1
+
+    def _copy(self, cursor: psycopg.Cursor[Any], batch: list[tuple[K, V]]) -> None:
+        staging = f"{self.table}_incoming"
+        cursor.execute(
+            f'CREATE TEMPORARY TABLE IF NOT EXISTS "{staging}" '
+            f"(key {self.key_type}, value {self.value_type}) ON COMMIT DELETE ROWS"
+        )
+        for part in rounds(batch):  # a key twice in one INSERT ... ON CONFLICT is refused
+            with cursor.copy(f'COPY "{staging}" (key, value) FROM STDIN') as copy:
+                for record in part:
+                    copy.write_row(record)
+            cursor.execute(self._sql.upsert_from(staging))
+            cursor.execute(f'TRUNCATE "{staging}"')
+
+    def before_commit(self, batch_id: str) -> None:
+        """Called inside each batch's transaction, just before it commits; does nothing.
+
+        A hook for tests and tracing: raising here rolls the batch back.
+        """
+
+    def close(self) -> None:
+        """Close the connection (a later ``write`` opens a new one). Idempotent."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def read(self) -> dict[Any, Any]:
+        """Every ``key: value`` in the table now, in a connection of its own (for checks and demos)."""
+        with psycopg.connect(self.dsn, connect_timeout=max(1, round(self.connect_timeout))) as connection:
+            rows = connection.execute(f'SELECT key, value FROM "{self.table}"').fetchall()
+        return dict(rows)

@@ -1,0 +1,134 @@
+"""What the SQL sinks share: names, the merge expression, batch ids and the ledger (SINK-5)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["LEDGER_RETENTION", "PRUNE_EVERY", "Statements", "parse_batch_id", "rounds"]
+
+#: Seconds after which a ledger row no delivery has touched is deleted (7 days).
+LEDGER_RETENTION = 7 * 24 * 3600.0
+#: The ledger is pruned in the transaction of every this many batches (and of the first).
+PRUNE_EVERY = 1000
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def check_name(what: str, name: object) -> str:
+    """``name`` if it is a plain SQL identifier (letters, digits, _); else ``TypeError``/``ValueError``."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, got {type(name).__name__}")
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{what} must be a plain SQL identifier (a letter or _, then letters, digits or _; "
+            f"at most 63), got {name!r}"
+        )
+    return name
+
+
+def parse_batch_id(batch_id: object) -> tuple[str, int]:
+    """``"<writer>:<n>"`` -> ``(writer, n)``, as :class:`~aggregator_reference.Delivery` makes them.
+
+    Raises:
+        ValueError: ``batch_id`` is not of that form (``n`` an int >= 1).
+    """
+    if isinstance(batch_id, str):
+        writer, _, number = batch_id.rpartition(":")
+        if writer and number.isdigit() and int(number) >= 1:
+            return writer, int(number)
+    raise ValueError(f"batch_id must be '<writer>:<n>' with n >= 1, as deliver() gives it; got {batch_id!r}")
+
+
+def rounds(batch: Sequence[tuple[object, object]]) -> list[list[tuple[object, object]]]:
+    """Split ``batch`` into lists without a repeated key, keeping each key's records in order.
+
+    A batch may hold two records of one key (from two flushes); one SQL
+    statement that upserts a set of rows must not touch a row twice.
+    """
+    out: list[list[tuple[object, object]]] = []
+    seen: dict[object, int] = {}
+    for record in batch:
+        n = seen.get(record[0], 0)
+        seen[record[0]] = n + 1
+        if n == len(out):
+            out.append([])
+        out[n].append(record)
+    return out
+
+
+@dataclass(frozen=True)
+class Statements:
+    """The SQL of one sink: its table, its ledger and its upsert, in one dialect.
+
+    ``merge`` is an SQL expression of ``{stored}`` (the value in the table)
+    and ``{incoming}`` (the batch's value), e.g. ``"{stored} + {incoming}"``.
+    """
+
+    table: str
+    merge: str
+    placeholder: str  # "?" (sqlite3) or "%s" (psycopg)
+
+    def __post_init__(self) -> None:
+        check_name("table", self.table)
+        if not isinstance(self.merge, str):
+            raise TypeError(f"merge must be a str SQL expression, got {type(self.merge).__name__}")
+        if "{stored}" not in self.merge or "{incoming}" not in self.merge:
+            raise ValueError(
+                f"merge must be an SQL expression of {{stored}} and {{incoming}}, such as "
+                f"'{{stored}} + {{incoming}}'; got {self.merge!r}"
+            )
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.table}_ledger"
+
+    def create(self, key_type: str, value_type: str, at_type: str) -> list[str]:
+        """``CREATE TABLE IF NOT EXISTS`` for the table and its ledger."""
+        key = " ".join(filter(None, ("key", key_type, "PRIMARY KEY")))
+        value = " ".join(filter(None, ("value", value_type)))
+        return [
+            f'CREATE TABLE IF NOT EXISTS "{self.table}" ({key}, {value})',
+            f'CREATE TABLE IF NOT EXISTS "{self.ledger}" '
+            f"(writer TEXT PRIMARY KEY, seq INTEGER NOT NULL, at {at_type} NOT NULL)",
+        ]
+
+    def claim(self) -> str:
+        """Record ``(writer, seq, at)`` in the ledger; returns a row only if ``seq`` is new for ``writer``.
+
+        The first statement of each batch's transaction: a batch whose number
+        the ledger already holds for its writer was applied before (its
+        acknowledgement was lost) and is skipped. In PostgreSQL the row lock
+        also makes a second attempt wait for a first one still committing.
+        """
+        p = self.placeholder
+        return (
+            f'INSERT INTO "{self.ledger}" AS ledger (writer, seq, at) VALUES ({p}, {p}, {p}) '
+            "ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, at = excluded.at "
+            "WHERE ledger.seq < excluded.seq RETURNING seq"
+        )
+
+    def prune(self) -> str:
+        """Delete the ledger rows not touched since a time (the batch's ``at`` minus the retention)."""
+        return f'DELETE FROM "{self.ledger}" WHERE at < {self.placeholder}'
+
+    def upsert(self) -> str:
+        """Insert one ``(key, value)`` or merge it into the stored value."""
+        p = self.placeholder
+        merged = self.merge.replace("{stored}", f'"{self.table}".value').replace(
+            "{incoming}", "excluded.value"
+        )
+        return (
+            f'INSERT INTO "{self.table}" (key, value) VALUES ({p}, {p}) '
+            f"ON CONFLICT (key) DO UPDATE SET value = {merged}"
+        )
+
+    def upsert_from(self, staging: str) -> str:
+        """Upsert every row of the table ``staging`` (no key twice) at once."""
+        stored = f'"{self.table}".value'
+        merged = self.merge.replace("{stored}", stored).replace("{incoming}", "excluded.value")
+        return (
+            f'INSERT INTO "{self.table}" (key, value) SELECT key, value FROM "{staging}" '
+            f"ON CONFLICT (key) DO UPDATE SET value = {merged}"
+        )

@@ -1,0 +1,230 @@
+"""The SQL sinks (SINK-5): upserts, the ledger, effectively-once delivery, on SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import operator
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aggregator_reference as ar
+from aggregator_reference.sinks import SQLiteSink
+from aggregator_reference.sinks._sql import parse_batch_id, rounds
+
+pytestmark = pytest.mark.timeout(120)
+
+SinkFactory = Callable[..., Any]
+FAST = ar.Retry(first=0.001, maximum=0.01)
+
+
+@pytest.fixture(params=["sqlite", "postgres-executemany", "postgres-copy"])
+def make_sink(request: pytest.FixtureRequest, tmp_path: Path, table: str) -> SinkFactory:
+    """``make_sink(**options)``: a sink of the kind under test, on a table of this test's own."""
+    if request.param == "sqlite":
+        path = tmp_path / "sink.db"
+        return lambda **options: SQLiteSink(path, **{"table": table, **options})
+    dsn = request.getfixturevalue("postgres_dsn")
+    from aggregator_reference.sinks import PostgresSink
+
+    method = request.param.removeprefix("postgres-")
+    return lambda **options: PostgresSink(dsn, **{"table": table, "method": method, **options})
+
+
+def test_a_batch_is_upserted_with_the_merge_expression(make_sink: SinkFactory) -> None:
+    sink = make_sink()
+    sink.write([("a", 1), ("b", 2)], "w:1")
+    sink.write([("a", 10), ("c", 5), ("a", 100)], "w:2")  # a key twice in one batch (two flushes)
+    assert sink.read() == {"a": 111, "b": 2, "c": 5}
+    sink.close()
+    function = "max" if isinstance(sink, SQLiteSink) else "GREATEST"
+    largest = make_sink(table=f"{sink.table}_max", merge=f"{function}({{stored}}, {{incoming}})")
+    largest.write([("a", 3), ("a", 1)], "w:1")
+    largest.write([("a", 2)], "w:2")
+    assert largest.read() == {"a": 3}
+    largest.close()
+
+
+def test_a_batch_id_already_in_the_ledger_is_skipped(make_sink: SinkFactory) -> None:
+    sink = make_sink()
+    sink.write([("a", 1)], "w:1")
+    sink.write([("a", 1)], "w:1")  # the retry after a lost acknowledgement
+    sink.write([("a", 1)], "v:1")  # another writer's first batch
+    sink.write([("a", 1)], "w:2")
+    sink.write([("a", 1)], "w:1")  # older than the ledger's w:2
+    assert sink.read() == {"a": 3}
+    sink.close()
+    again = make_sink()  # a new connection (or process) sees the same ledger
+    again.write([("a", 1)], "w:2")
+    assert again.read() == {"a": 3}
+    again.close()
+
+
+def test_a_failure_before_commit_rolls_the_whole_batch_back(make_sink: SinkFactory) -> None:
+    sink = make_sink()
+    armed = [True]
+
+    def before_commit(batch_id: str) -> None:
+        if armed.pop() if armed else False:
+            raise OSError("connection lost before commit")
+
+    sink.before_commit = before_commit
+    with pytest.raises(OSError, match="before commit"):
+        sink.write([("a", 1), ("b", 1)], "w:1")
+    assert sink.read() == {}
+    sink.write([("a", 1), ("b", 1)], "w:1")  # the retry applies it, once
+    assert sink.read() == {"a": 1, "b": 1}
+    sink.close()
+
+
+def test_bad_batch_ids_and_names_are_refused(make_sink: SinkFactory) -> None:
+    sink = make_sink()
+    for bad in ("w", "w:0", ":1", "w:x", 7):
+        with pytest.raises(ValueError, match="batch_id"):
+            sink.write([("a", 1)], bad)
+    sink.close()
+    with pytest.raises(ValueError, match="table"):
+        make_sink(table='x"; DROP TABLE y; --')
+    with pytest.raises(ValueError, match="stored"):
+        make_sink(merge="value + 1")
+    with pytest.raises(TypeError, match="merge"):
+        make_sink(merge=1)
+
+
+def test_the_ledger_keeps_one_row_per_writer_and_prunes_old_ones(make_sink: SinkFactory) -> None:
+    sink = make_sink(ledger_retention=3600.0)
+    sink.write([("a", 1)], "old:1")
+    sink.write([("a", 1)], "new:1")
+    sink.write([("a", 1)], "new:2")
+    sink.close()
+    ledger = f"{sink.table}_ledger"
+    _execute(sink, f"UPDATE \"{ledger}\" SET at = at - 7200 WHERE writer = 'old'")
+    assert _rows(sink, f'SELECT writer, seq FROM "{ledger}" ORDER BY writer') == [("new", 2), ("old", 1)]
+    pruning = make_sink(ledger_retention=3600.0)  # its first batch prunes
+    pruning.write([("a", 1)], "third:1")
+    assert _rows(pruning, f'SELECT writer FROM "{ledger}" ORDER BY writer') == [("new",), ("third",)]
+    pruning.close()
+
+
+def _rows(sink: Any, query: str) -> list[tuple[Any, ...]]:
+    if isinstance(sink, SQLiteSink):
+        import sqlite3
+
+        with sqlite3.connect(sink.path) as connection:
+            return connection.execute(query).fetchall()
+    import psycopg
+
+    with psycopg.connect(sink.dsn) as connection:
+        return connection.execute(query).fetchall()
+
+
+def _execute(sink: Any, statement: str) -> None:
+    if isinstance(sink, SQLiteSink):
+        import sqlite3
+
+        with sqlite3.connect(sink.path) as connection:
+            connection.execute(statement)
+        return
+    import psycopg
+
+    with psycopg.connect(sink.dsn) as connection:
+        connection.execute(statement)
+
+
+class Flaky:
+    """Wraps a sink: about ``rate`` of writes fail, half before the commit and half after it."""
+
+    def __init__(self, sink: Any, rate: float, seed: int) -> None:
+        self.sink = sink
+        self.rate = rate
+        self.random = random.Random(seed)
+        self.failed = Counter[str]()
+        sink.before_commit = self._before_commit
+
+    def _before_commit(self, batch_id: str) -> None:
+        if self.random.random() < self.rate / 2:
+            self.failed["before commit"] += 1
+            raise OSError(f"injected: connection lost before committing {batch_id}")
+
+    def write(self, batch: list[tuple[Any, Any]], batch_id: str) -> None:
+        self.sink.write(batch, batch_id)
+        if self.random.random() < self.rate / 2:
+            self.failed["after commit"] += 1
+            raise OSError(f"injected: acknowledgement of {batch_id} lost after the commit")
+
+    def close(self) -> None:
+        self.sink.close()
+
+    def __repr__(self) -> str:
+        return f"Flaky({self.sink!r})"
+
+
+def test_delivery_through_failures_before_and_after_commit_is_exact(
+    make_sink: SinkFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = make_sink()
+    flaky = Flaky(sink, rate=0.3, seed=1)
+    agg = ar.create(operator.add, flush_interval=0.005, max_pending=32)
+    delivery = agg.deliver(flaky, batch_size=16, max_wait=0.005, retry=FAST)
+    expected: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        mine: Counter[str] = Counter()
+        for _ in range(3000):
+            key = f"k{rng.randrange(200)}"
+            agg.add(key, 1)
+            mine[key] += 1
+        with lock:
+            expected.update(mine)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "a writer did not finish in 60 s"
+    agg.shutdown(timeout=60)
+    stats = delivery.stats()
+    assert stats.done
+    assert stats.held == 0
+    assert not stats.failing
+    assert flaky.failed["before commit"] > 0
+    assert flaky.failed["after commit"] > 0
+    assert stats.retries == sum(flaky.failed.values())
+    assert sink.read() == dict(expected)  # applied exactly once, whatever failed
+    assert sum(expected.values()) == 12000
+
+
+def test_parse_batch_id_and_rounds() -> None:
+    assert parse_batch_id("ab:cd:12") == ("ab:cd", 12)
+    assert rounds([("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2)]) == [
+        [("a", 1), ("b", 1)],
+        [("a", 2), ("b", 2)],
+        [("a", 3)],
+    ]
+
+
+def test_sqlite_in_memory_and_repr(tmp_path: Path) -> None:
+    sink: SQLiteSink[str, int] = SQLiteSink(":memory:")
+    sink.write([("a", 1)], "w:1")
+    assert sink.read() == {"a": 1}
+    assert "aggregates" in repr(sink)
+    sink.close()
+    sink.close()  # idempotent
+    with pytest.raises(ValueError, match="busy_timeout"):
+        SQLiteSink(tmp_path / "x.db", busy_timeout=-1)
+
+
+def test_importing_the_sinks_does_not_import_psycopg() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, aggregator_reference.sinks; print('psycopg' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"
