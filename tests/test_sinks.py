@@ -16,6 +16,8 @@ import aggregator_reference as ar
 from aggregator_reference.sinks import SQLiteSink
 from aggregator_reference.sinks._sql import parse_batch_id, rounds
 
+from .flaky_sink import Flaky
+
 pytestmark = pytest.mark.timeout(120)
 
 SinkFactory = Callable[..., Any]
@@ -133,34 +135,6 @@ def _execute(sink: Any, statement: str) -> None:
 
     with psycopg.connect(sink.dsn) as connection:
         connection.execute(statement)
-
-
-class Flaky:
-    """Wraps a sink: about ``rate`` of writes fail, half before the commit and half after it."""
-
-    def __init__(self, sink: Any, rate: float, seed: int) -> None:
-        self.sink = sink
-        self.rate = rate
-        self.random = random.Random(seed)
-        self.failed = Counter[str]()
-        sink.before_commit = self._before_commit
-
-    def _before_commit(self, batch_id: str) -> None:
-        if self.random.random() < self.rate / 2:
-            self.failed["before commit"] += 1
-            raise OSError(f"injected: connection lost before committing {batch_id}")
-
-    def write(self, batch: list[tuple[Any, Any]], batch_id: str) -> None:
-        self.sink.write(batch, batch_id)
-        if self.random.random() < self.rate / 2:
-            self.failed["after commit"] += 1
-            raise OSError(f"injected: acknowledgement of {batch_id} lost after the commit")
-
-    def close(self) -> None:
-        self.sink.close()
-
-    def __repr__(self) -> str:
-        return f"Flaky({self.sink!r})"
 
 
 def test_delivery_through_failures_before_and_after_commit_is_exact(
