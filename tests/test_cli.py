@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,13 +54,27 @@ def test_listing_with_an_unknown_environment_name_is_a_clean_error(monkeypatch: 
     assert "error: AGGREGATOR_BACKEND='nope' names no installed backend" in text
 
 
-def test_demo_checks_zero_loss() -> None:
+def test_demo_delivers_into_sqlite_and_checks_the_totals_by_sql(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    for _ in range(2):  # a second run replaces the first one's table and checks its own totals
+        out = io.StringIO()
+        args = ["demo", "--backend", "reference", "--writers", "3", "--adds", "50", "--db", str(db)]
+        assert main(args, out) == 0
+        text = out.getvalue()
+        assert "150 adds became" in text
+        assert "row(s) upserted" in text
+        assert "Check by SQL query (SELECT key, value FROM requests): OK" in text
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT sum(value) FROM requests").fetchone() == (150,)
+
+
+def test_demo_in_memory_writes_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     out = io.StringIO()
-    assert main(["demo", "--backend", "reference", "--writers", "3", "--adds", "50"], out) == 0
-    text = out.getvalue()
-    assert "150 adds became" in text
-    assert "Zero loss: OK" in text
-    assert "flushed" in text
+    assert main(["demo", "--writers", "2", "--adds", "20", "--db", ":memory:"], out) == 0
+    assert "in-memory SQLite database" in out.getvalue()
+    assert "Check by SQL query (SELECT key, value FROM requests): OK" in out.getvalue()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_backend_is_a_clean_error() -> None:
@@ -67,14 +83,16 @@ def test_unknown_backend_is_a_clean_error() -> None:
     assert "no aggregator backend named 'nope'" in out.getvalue()
 
 
-def test_module_runs_as_a_program() -> None:
+def test_module_runs_as_a_program(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "aggregator_reference", "--writers", "2", "--adds", "30"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "Installed backends" in result.stdout
-    assert "Zero loss: OK" in result.stdout
+    assert "Check by SQL query (SELECT key, value FROM requests): OK" in result.stdout
+    assert (tmp_path / "aggregator-demo.db").is_file()

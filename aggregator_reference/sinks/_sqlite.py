@@ -37,6 +37,9 @@ class SQLiteSink(Generic[K, V]):
     several processes may write into one file (each waits up to
     ``busy_timeout`` seconds for the others' transactions).
 
+    ``path`` ``":memory:"`` keeps the table in the sink's own connection:
+    ``close()`` discards it.
+
     Keys and values must be types ``sqlite3`` binds (str, int, float, bytes,
     None); anything else makes ``write`` raise, and a delivery retries it.
 
