@@ -8,6 +8,7 @@ first two.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import operator
 import random
@@ -146,8 +147,12 @@ def run_bench_command(args: argparse.Namespace, out: TextIO) -> int:
 
     try:
         writers, keys = _bench.parse_counts(args.writers), _bench.parse_counts(args.keys)
-        if args.adds < 1 or args.repeats < 1 or min(args.flush, args.memory, args.consumers) < 0:
-            raise ValueError("--adds and --repeats must be >= 1, --flush, --memory and --consumers >= 0")
+        if args.adds < 1 or args.repeats < 1 or min(args.flush, args.memory, args.consumers, args.sink) < 0:
+            raise ValueError(
+                "--adds and --repeats must be >= 1, --flush, --memory, --consumers and --sink >= 0"
+            )
+        if args.sink_keys < 1:
+            raise ValueError("--sink-keys must be >= 1")
         for name in args.backend or ():
             load_backend(name)
         report = _bench.run_bench(
@@ -167,14 +172,27 @@ def run_bench_command(args: argparse.Namespace, out: TextIO) -> int:
         )
         if args.plot:
             _bench.plot(report, args.plot)
+        reduction = None
+        if args.sink:
+            from . import _bench_sink
+
+            backend = args.backend[0] if args.backend else None  # the first one named, else the default
+            reduction = _bench_sink.write_reduction(args.sink, args.sink_keys, backend)
     except (ValueError, AggregatorError, ModuleNotFoundError) as exc:
         out.write(f"error: {exc}\n")
         return 2
     if args.json:
-        json.dump(_bench.report_dict(report), out, indent=2)
+        data = _bench.report_dict(report)
+        if reduction is not None:
+            data["sink"] = {**dataclasses.asdict(reduction), "write_reduction": reduction.write_reduction}
+        json.dump(data, out, indent=2)
         out.write("\n")
     else:
         out.write(_bench.format_table(report) + "\n")
+        if reduction is not None:
+            from ._bench_sink import format_reduction
+
+            out.write("\n".join(format_reduction(reduction)) + "\n")
         if args.plot:
             out.write(f"plot written to {args.plot}\n")
     return 0
@@ -224,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="move N flushed records through records(), batches(), arecords() and abatches(), "
         "and time add_many() of N pairs against add() (0: skip; default 10000)",
+    )
+    bench.add_argument(
+        "--sink",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also count N events into SQLite with one upsert each and through deliver() (first "
+        "--backend, else the default), same run: rows written, transactions, events/s (0: skip)",
+    )
+    bench.add_argument(
+        "--sink-keys", type=int, default=1000, metavar="K", help="keys of --sink (default 1000)"
     )
     bench.add_argument("--floor", action="store_true", help="also show what each step of an add costs")
     bench.add_argument("--peers", action="store_true", help="add OpenTelemetry, datadog, prometheus_client")

@@ -164,3 +164,29 @@ def test_plot_needs_matplotlib_or_draws(tmp_path: Path) -> None:
     else:
         _bench.plot(report, str(target))
         assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sink_mode_compares_direct_upserts_with_delivery_on_one_workload() -> None:
+    out = io.StringIO()
+    args = ["bench", *TINY, "--backend", "reference", "--flush", "0", "--sink", "3000", "--sink-keys", "50"]
+    assert main([*args, "--json"], out) == 0
+    sink = json.loads(out.getvalue())["sink"]
+    assert (sink["events"], sink["keys"], sink["backend"]) == (3000, 50, "ReferenceAggregator")
+    assert 50 <= sink["buffered_rows"] < 3000  # every key at least once, far fewer than one per event
+    assert sink["write_reduction"] == pytest.approx(3000 / sink["buffered_rows"])
+    assert 1 <= sink["buffered_transactions"] <= sink["buffered_rows"]
+    out = io.StringIO()
+    assert main(args, out) == 0
+    text = out.getvalue()
+    assert "Into SQLite (WAL), 3,000 events over 50 keys, same run:" in text
+    assert "one upsert per event:" in text
+    assert "fewer rows written" in text
+
+
+def test_sink_mode_bad_counts_are_a_clean_error() -> None:
+    out = io.StringIO()
+    assert main(["bench", *TINY, "--sink", "-1"], out) == 2
+    assert "--sink >= 0" in out.getvalue()
+    out = io.StringIO()
+    assert main(["bench", *TINY, "--sink", "10", "--sink-keys", "0"], out) == 2
+    assert "--sink-keys must be >= 1" in out.getvalue()
