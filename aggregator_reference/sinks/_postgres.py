@@ -38,10 +38,12 @@ class PostgresSink(Generic[K, V]):
     table: the ledger row of a batch's writer is locked by its transaction,
     so a retry waits for an attempt still committing and then skips it.
 
-    ``method`` says how the records travel: ``"executemany"`` (psycopg's
-    pipelined ``executemany`` of the upsert, the default: faster here for
-    batches up to a few thousand records) or ``"copy"`` (``COPY`` into a
-    temporary table, then one ``INSERT ... SELECT ... ON CONFLICT``).
+    ``method`` says how the records travel: ``"copy"`` (the default: ``COPY``
+    into a temporary table, then one ``INSERT ... SELECT ... ON CONFLICT``) or
+    ``"executemany"`` (psycopg's ``executemany`` of the upsert). Measured on
+    this project's machine (PostgreSQL 15 on loopback, psycopg 3.3): COPY
+    took 0.40x the time per record of executemany for batches of 500 (the
+    default ``batch_size``) and 0.30x for 5000; for batches of 100, 1.15x.
 
     The ledger is pruned as SQLiteSink's: rows untouched for
     ``ledger_retention`` seconds are deleted every ``PRUNE_EVERY`` batches.
@@ -62,14 +64,14 @@ class PostgresSink(Generic[K, V]):
         merge: str = "{stored} + {incoming}",
         key_type: str = "TEXT",
         value_type: str = "BIGINT",
-        method: Literal["executemany", "copy"] = "executemany",
+        method: Literal["copy", "executemany"] = "copy",
         connect_timeout: float = 10.0,
         ledger_retention: float = LEDGER_RETENTION,
     ) -> None:
         if not isinstance(dsn, str):
             raise TypeError(f"dsn must be a str (a libpq connection string or URI), got {type(dsn).__name__}")
-        if method not in ("executemany", "copy"):
-            raise ValueError(f"method must be 'executemany' or 'copy', got {method!r}")
+        if method not in ("copy", "executemany"):
+            raise ValueError(f"method must be 'copy' or 'executemany', got {method!r}")
         for name, sql_type in (("key_type", key_type), ("value_type", value_type)):
             if not isinstance(sql_type, str) or not sql_type.replace(" ", "").isalnum():
                 raise ValueError(f"{name} must be an SQL type name such as 'BIGINT', got {sql_type!r}")
