@@ -14,6 +14,7 @@ import pytest
 
 import aggregator_reference as ar
 
+from ._waits import call_bounded
 from .conftest import Factory, run_threads, shutdown_collecting
 
 
@@ -364,3 +365,113 @@ def test_only_what_merge_returns_is_kept(make: Factory) -> None:
     assert probe() is None, "the aggregator kept a value it had merged as the right argument"
     delivered = shutdown_collecting(agg, merge)
     assert sorted(delivered["k"]) == [1, 2, 3, 4]
+
+
+class HashHeld:
+    """A key whose ``__hash__``, once ``armed``, holds a ``held_in…`` thread until ``go`` (or ``limit`` s)."""
+
+    def __init__(self, name: str, held_in: str, limit: float) -> None:
+        self.name, self.held_in, self.limit = name, held_in, limit
+        self.armed = False
+        self.inside, self.go = threading.Event(), threading.Event()
+
+    def __hash__(self) -> int:
+        if self.armed and threading.current_thread().name.startswith(self.held_in):
+            self.armed = False
+            self.inside.set()
+            self.go.wait(self.limit)
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HashHeld) and other.name == self.name
+
+    def __repr__(self) -> str:
+        return f"HashHeld({self.name!r})"
+
+
+@pytest.mark.clause("ADD-1", "ADD-2", "READ-2", "STAT-1")
+def test_the_only_writer_merges_into_its_key_while_the_first_read_runs(make: Factory) -> None:
+    # One writer thread adds k. Another thread, which added only a key of its own, makes
+    # the aggregator's first read, and that read is held up where it hashes that key,
+    # while the writer adds k again. k is buffered all along, so that add merges (ADD-2,
+    # one writer), whether it runs during the read or waits for it.
+    agg = make(operator.add)
+    held = HashHeld("held", "reader-under-test", limit=1.0)
+
+    def read() -> dict[Any, Any]:
+        try:
+            return dict(agg.snapshot())
+        finally:
+            held.inside.set()  # a read that hashed nothing lets the writer go on now
+
+    def add_during_the_read() -> bool:
+        assert held.inside.wait(30), "the read neither hashed its key nor returned"
+        try:
+            return bool(agg.add("k", 1))
+        finally:
+            held.go.set()
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="only-writer") as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="reader-under-test") as reader,
+    ):
+        assert writer.submit(agg.add, "k", 1).result(30) is False  # the writer's first add comes first
+        assert reader.submit(agg.add, held, 1).result(30) is False
+        held.armed = True
+        reading = reader.submit(read)
+        adding = writer.submit(add_during_the_read)
+        assert adding.result(30) is True, "k was buffered all along: the only writer's add merges (ADD-2)"
+        assert set(reading.result(30)) == {"k", held}
+    held.armed = False
+    stats = agg.stats()
+    assert (stats.merges, stats.stored) == (1, 2), stats
+    assert shutdown_collecting(agg) == {"k": 2, held: 1}
+
+
+@pytest.mark.clause("ADD-1", "ADD-2", "STAT-1", "REENTRY-1")
+def test_the_only_writer_after_a_read_from_another_merge_gave_up_says_what_it_did(make: Factory) -> None:
+    # The only writer's add is in flight (its merge waits) while another aggregator's merge
+    # reads this one: the read may give up waiting for that add (REENTRY-1). Afterwards
+    # the writer's adds still return True exactly when the key is buffered (ADD-2), and
+    # stats count each add once, as a merge or as a new record (STAT-1).
+    in_merge, read_over = threading.Event(), threading.Event()
+
+    def merge(stored: str, incoming: str) -> str:
+        if incoming == "slow":
+            in_merge.set()
+            read_over.wait(30)  # in flight until the read from the other merge is over
+        return stored + incoming
+
+    agg = make(merge)
+    results: list[bool] = []
+
+    def write() -> None:
+        results.append(agg.add("k", "a"))
+        results.append(agg.add("k", "slow"))  # the read runs meanwhile
+        results.append(agg.add("k", "c"))  # k is buffered: merges
+        results.append(agg.add("new", "n"))  # not buffered: a new record
+
+    writer = threading.Thread(target=write, name="only-writer", daemon=True)
+    writer.start()
+    assert in_merge.wait(10)
+
+    def read_from_merge(stored: int, incoming: int) -> int:
+        try:
+            agg.get("other")
+        except ar.ReentrantMergeError:
+            pass
+        return stored + incoming
+
+    caller = ar.create(read_from_merge, backend="reference", flush_interval=None)
+    try:
+        caller.add("c", 1)
+        call_bounded(lambda: caller.add("c", 1), 30, "a read from another aggregator's merge")
+    finally:
+        read_over.set()
+        caller.shutdown()
+    writer.join(30)
+    assert not writer.is_alive(), "the writer's adds did not return"
+    assert results == [False, True, True, False]
+    stats = agg.stats()
+    assert (stats.merges, stats.stored) == (2, 2), stats
+    assert shutdown_collecting(agg, operator.add) == {"k": "aslowc", "new": "n"}

@@ -421,3 +421,62 @@ def test_dropping_an_unshut_aggregator_with_everything_delivered_is_silent(backe
         assert agg.drain() == [("a", 1)]
 
     assert not warns_when_dropped(backend_name, fill)
+
+
+@pytest.mark.clause("CLOSE-2", "CLOSE-4")
+def test_adds_after_a_timed_out_shutdown_are_refused_while_a_merge_into_a_read_record_runs(
+    make: Factory,
+) -> None:
+    # As above, but the key was read first: a backend that moves read records to a shared
+    # place runs the merge that takes k from there holding what its own close waits for.
+    # shutdown() has begun all the same: adds are refused at once (CLOSE-4).
+    in_merge, release = threading.Event(), threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            in_merge.set()
+            release.wait(10)
+        return stored + incoming
+
+    agg = make(merge)
+    with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(1) as late:
+        writer.submit(agg.add, "k", 1).result()
+        assert late.submit(agg.get, "k").result(10) == 1  # read from the thread that adds late
+        adding = writer.submit(agg.add, "k", 2)
+        assert in_merge.wait(10)
+        with pytest.raises(TimeoutError):
+            agg.shutdown(timeout=0.1)
+        late_adds = [late.submit(agg.add, f"late{i}", 1) for i in range(4)]
+        time.sleep(0.1)  # let them reach whatever the merge in flight holds
+        release.set()
+        assert adding.result(10) is True
+        for future in late_adds:
+            with pytest.raises(ar.AggregatorClosedError):
+                future.result(10)
+    assert shutdown_collecting(agg) == {"k": 3}
+
+
+@pytest.mark.clause("CLOSE-6", "CLOSE-1", "CLOSE-2")
+def test_shutdown_waits_for_an_add_in_flight_without_spinning(make: Factory) -> None:
+    in_merge = threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            in_merge.set()
+            time.sleep(1.0)  # an add in flight: shutdown() waits for it to return (CLOSE-2)
+        return stored + incoming
+
+    agg = make(merge)
+    with ThreadPoolExecutor(1) as writer:
+        writer.submit(agg.add, "k", 1).result()
+        adding = writer.submit(agg.add, "k", 2)
+        assert in_merge.wait(10)
+        cpu, wall = time.process_time(), time.monotonic()
+        call_bounded(lambda: agg.shutdown(timeout=30), 40, "shutdown() while an add is in flight")
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        assert adding.result(10) is True
+    assert wall >= 0.5, f"shutdown() returned after {wall:.2f} s, before the add in flight did"
+    # A waiting shutdown sleeps (the sleeping merge costs no CPU); one that polls, even with
+    # time.sleep(0) between looks, burns a third of a core or more.
+    assert cpu < 0.2 * wall, f"shutdown used {cpu:.2f} s of CPU in {wall:.2f} s while waiting"
+    assert agg.drain() == [("k", 3)]
