@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -71,9 +72,15 @@ class Delivering(Generic[K, V]):
         ``wait()`` and the records it holds.
 
         Raises:
-            TypeError, ValueError: a bad argument (the message names it).
+            TypeError, ValueError: a bad argument (the message names it), or a
+                sink whose ``write`` is a coroutine function (use :meth:`adeliver`).
             DeliveryError: another delivery of this aggregator is still running.
         """
+        if inspect.iscoroutinefunction(getattr(sink, "write", None)):
+            raise TypeError(
+                f"sink {sink!r} has an async write(): deliver() writes from a thread and cannot "
+                "await it; call adeliver() from a coroutine instead"
+            )
         delivery = self._start_delivery(sink, batch_size, max_wait, retry)
         # A daemon: at exit, a sink that keeps failing must not keep the process alive (LIFE-2
         # logs what it held instead).
@@ -100,7 +107,8 @@ class Delivering(Generic[K, V]):
 
         Raises:
             RuntimeError: no event loop is running in this thread.
-            TypeError, ValueError, DeliveryError: as :meth:`deliver`.
+            TypeError, ValueError, DeliveryError: as :meth:`deliver` (except that
+                ``write`` may be a coroutine function here).
         """
         loop = asyncio.get_running_loop()
         delivery = self._start_delivery(sink, batch_size, max_wait, retry)

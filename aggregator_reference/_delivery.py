@@ -62,8 +62,10 @@ class Retry:
     succeeds starts the count again.
 
     Raises:
-        TypeError, ValueError: a field is not a finite number, ``first`` or
-            ``maximum`` is not > 0, ``maximum < first``, or ``factor < 1``.
+        TypeError: a field is not a number.
+        ValueError: ``first`` or ``maximum`` is not > 0 seconds and at most
+            ``threading.TIMEOUT_MAX``, ``maximum < first``, or ``factor`` is
+            not finite and >= 1.
     """
 
     first: float = 0.1
@@ -75,23 +77,29 @@ class Retry:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"Retry.{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"Retry.{name} must be finite, got {value!r}")
-        if self.first <= 0:
-            raise ValueError(f"Retry.first must be > 0 seconds, got {self.first!r}")
+        for name in ("first", "maximum"):  # a wait a thread can wait: Event.wait() takes it
+            value = getattr(self, name)
+            if not 0 < value <= threading.TIMEOUT_MAX:
+                raise ValueError(
+                    f"Retry.{name} must be > 0 seconds and at most threading.TIMEOUT_MAX "
+                    f"({threading.TIMEOUT_MAX:g}), got {value!r}"
+                )
         if self.maximum < self.first:
             raise ValueError(f"Retry.maximum must be >= first ({self.first!r}), got {self.maximum!r}")
-        if self.factor < 1:
-            raise ValueError(f"Retry.factor must be >= 1, got {self.factor!r}")
+        if not 1 <= self.factor < math.inf:
+            raise ValueError(f"Retry.factor must be >= 1 and finite, got {self.factor!r}")
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` (>= 1) failed writes of one batch in a row."""
-        exponent = min(failures - 1, 1024)  # factor ** exponent stays finite or overflows to the cap
-        try:
-            ceiling = min(self.maximum, self.first * self.factor**exponent)
-        except OverflowError:
-            ceiling = self.maximum
-        return random.uniform(ceiling / 2, ceiling)
+        ceiling = float(self.maximum)
+        if self.factor > 1:
+            # first * factor ** (failures - 1), in logarithms: no overflow, however many failures.
+            log_ceiling = math.log(self.first) + (failures - 1) * math.log(self.factor)
+            if log_ceiling < math.log(self.maximum):
+                ceiling = math.exp(log_ceiling)
+        elif self.first < self.maximum:
+            ceiling = float(self.first)
+        return random.uniform(ceiling / 2, ceiling)  # jitter, not cryptography
 
 
 @final
@@ -232,11 +240,16 @@ class Delivery(Generic[K, V]):
                 batch_id = self._next_id()
                 while True:
                     try:
-                        self.sink.write(batch, batch_id)
+                        result: object = self.sink.write(batch, batch_id)
                     except Exception as exc:
-                        # An Event, not time.sleep: nothing wakes it, but it never holds a lock.
                         threading.Event().wait(self._failed(exc, batch_id))
                         continue
+                    if inspect.isawaitable(result):  # never run here: the batch was not written
+                        getattr(result, "close", lambda: None)()  # no "never awaited" warning
+                        raise TypeError(
+                            f"sink {self.sink!r}: write() returned an awaitable, which a delivery "
+                            "thread cannot await; use adeliver() from a coroutine"
+                        )
                     self._written()
                     break
             close = getattr(self.sink, "close", None)

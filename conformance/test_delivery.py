@@ -629,24 +629,43 @@ def test_adeliver_outside_a_running_loop_raises_and_starts_nothing(make: Factory
 
 
 @pytest.mark.clause("SINK-1", "SINK-2")
-def test_deliver_into_a_sink_whose_write_is_a_coroutine_is_refused_or_loses_nothing(make: Factory) -> None:
+def test_deliver_refuses_a_sink_whose_write_is_a_coroutine_function(make: Factory) -> None:
     # deliver() calls write in a thread, where the coroutine it returns never runs: counting
     # that as written would drop the batch while stats() says it was written (SINK-2).
     agg = make()
-    sink = AsyncLedger()
-    refusal = ""
-    try:
-        delivery = agg.deliver(sink, max_wait=0)
-    except TypeError as exc:
-        refusal = str(exc)
-    if refusal:
-        assert "sink" in refusal, f"the TypeError does not name the sink: {refusal}"
-        return
+    agg.add("k", 1)
+    agg.flush()
+    with pytest.raises(TypeError, match=r"sink .*async write\(\).*adeliver\(\)"):
+        agg.deliver(AsyncLedger(), max_wait=0)
+    assert agg.drain() == [("k", 1)]  # nothing started, nothing consumed
+    agg.deliver(ClosingLedger(), max_wait=0)  # nothing registered either
+
+
+class ReturnsACoroutine(ClosingLedger):
+    """A plain ``write`` that hands back a coroutine (a wrapper around an async client, say)."""
+
+    def write(self, batch: Records, batch_id: str, /) -> Any:
+        async def later() -> None:
+            self.apply(batch, batch_id)
+
+        return later()
+
+
+@pytest.mark.clause("SINK-2", "SINK-4")
+def test_a_write_returning_an_awaitable_ends_the_delivery_and_loses_nothing(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    agg = make()
+    sink = ReturnsACoroutine()
     for key in range(5):
         agg.add(key, 1)
-    rest = shutdown_collecting(agg, limit=LIMIT)
+    agg.flush()
+    delivery = agg.deliver(sink, max_wait=0)
     assert delivery.wait(LIMIT)
-    everything = Counter(sink.totals) + Counter(folded(delivery.held())) + Counter(rest)
-    assert everything == dict.fromkeys(range(5), 1), (
-        f"the sink applied {sink.totals} while the delivery counted {delivery.stats().records} written"
-    )
+    assert isinstance(delivery.error, TypeError)
+    assert "adeliver()" in str(delivery.error)
+    assert delivery.stats().batches == 0
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+    rest = shutdown_collecting(agg, limit=LIMIT)
+    assert sink.totals == {}
+    assert Counter(folded(delivery.held())) + Counter(rest) == dict.fromkeys(range(5), 1)
