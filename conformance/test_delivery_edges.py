@@ -1,0 +1,214 @@
+"""Deliveries at the edges (SINK-1, SINK-4, OUT-5): shutdown from the sink, deliver after shutdown,
+a full output, a blocking shutdown in the delivery's own loop, a closed loop, a thread that does
+not start, a sink that changes its batch, an async ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+
+import aggregator_reference as ar
+
+from ._waits import call_bounded
+from .conftest import Factory, shutdown_collecting
+from .test_delivery import FAST, LIMIT, ClosingLedger, Ledger, Records, folded
+
+
+@pytest.mark.clause("SINK-4")
+def test_shutdown_from_inside_the_sinks_write_is_refused(make: Factory) -> None:
+    agg = make(max_pending=4)
+    refused: list[BaseException | None] = []
+
+    class CallsShutdown(ClosingLedger):
+        def write(self, batch: Records, batch_id: str, /) -> None:
+            if not refused:
+                try:
+                    agg.shutdown(timeout=LIMIT)  # the delivery's own thread: it would wait for itself
+                    refused.append(None)
+                except BaseException as exc:
+                    refused.append(exc)
+            super().write(batch, batch_id)
+
+    sink = CallsShutdown()
+    for key in range(3):
+        agg.add(key, 1)
+    delivery = agg.deliver(sink, max_wait=0, retry=FAST)
+    agg.flush()
+    assert call_bounded(lambda: wait_for(lambda: bool(refused)), LIMIT, "the sink's write")
+    assert isinstance(refused[0], ar.DeliveryError), refused
+    assert "write" in str(refused[0])
+    assert not agg.closed
+    for key in range(3, 6):
+        agg.add(key, 1)
+    call_bounded(agg.shutdown, LIMIT, "shutdown() from outside the sink")
+    assert agg.closed
+    assert delivery.done
+    assert sink.totals == dict.fromkeys(range(6), 1)
+
+
+@pytest.mark.clause("SINK-1", "SINK-4")
+def test_deliver_after_shutdown_completed_is_refused_and_drain_still_works(make: Factory) -> None:
+    agg = make(max_pending=8)
+    for key in range(3):
+        agg.add(key, 1)
+    agg.shutdown()  # nobody consumed: the records wait in the closed output (CLOSE-1)
+    with pytest.raises(ar.AggregatorClosedError, match=r"drain\(\)"):
+        agg.deliver(ClosingLedger())
+    assert sorted(agg.drain()) == [(0, 1), (1, 1), (2, 1)]
+
+
+@pytest.mark.clause("SINK-4")
+def test_a_delivery_started_while_shutdown_waits_is_waited_for(make: Factory) -> None:
+    agg = make(max_pending=2)
+    for key in range(6):
+        agg.add(key, 1)
+    with pytest.raises(TimeoutError):
+        agg.shutdown(timeout=0.2)  # no consumer: the output is full
+    sink = ClosingLedger()
+    delivery = agg.deliver(sink, max_wait=0, retry=FAST)
+    call_bounded(agg.shutdown, LIMIT, "shutdown() with a delivery started after a timeout")
+    assert delivery.done
+    assert sink.closes == 1
+    assert sink.totals == dict.fromkeys(range(6), 1)
+
+
+@pytest.mark.clause("OUT-5")
+@pytest.mark.parametrize("consumer", ["batches", "deliver"])
+def test_a_batch_larger_than_the_output_goes_out_once_the_output_is_full(
+    make: Factory, consumer: str
+) -> None:
+    # No more records can arrive while the output is full: waiting max_wait only stalls flushes.
+    agg = make(max_pending=4)
+    for key in range(4):
+        agg.add(key, 1)
+    agg.flush()
+    if consumer == "batches":
+        batch = call_bounded(lambda: next(agg.batches(max_size=100, max_wait=60)), 5.0, "batches()")
+        assert sorted(batch) == [(k, 1) for k in range(4)]
+        shutdown_collecting(agg)
+        return
+    sink = Ledger()
+    agg.deliver(sink, batch_size=100, max_wait=60, retry=FAST)
+    assert call_bounded(lambda: wait_for(lambda: len(sink.totals) == 4), 5.0, "the delivery")
+    agg.shutdown(timeout=LIMIT)
+
+
+@pytest.mark.clause("SINK-4", "OUT-6")
+def test_a_blocking_shutdown_in_the_deliverys_own_loop_is_refused_at_once(make: Factory) -> None:
+    agg = make()
+    sink = ClosingLedger()
+
+    async def main() -> BaseException | None:
+        agg.adeliver(sink, max_wait=0, retry=FAST)
+        agg.add("k", 1)
+        error = None
+        try:
+            agg.shutdown(timeout=3)  # would block the loop the delivery runs in
+        except RuntimeError as exc:
+            error = exc
+        await agg.ashutdown()
+        return error
+
+    error = call_bounded(lambda: asyncio.run(main()), LIMIT, "the event loop")
+    assert error is not None
+    assert not isinstance(error, TimeoutError), "it waited instead of refusing at once"
+    assert "ashutdown" in str(error)
+    assert sink.totals == {"k": 1}
+
+
+@pytest.mark.clause("SINK-4")
+def test_a_delivery_whose_loop_was_closed_counts_as_ended(make: Factory) -> None:
+    agg = make()
+    first = ClosingLedger()
+    loop = asyncio.new_event_loop()
+
+    async def start() -> Any:
+        return agg.adeliver(first, max_wait=0, retry=FAST)
+
+    delivery = loop.run_until_complete(start())
+    loop.close()  # the task never ran to its end
+    for key in range(3):
+        agg.add(key, 1)
+    second = ClosingLedger()
+    call_bounded(lambda: agg.deliver(second, max_wait=0, retry=FAST), LIMIT, "deliver()")
+    call_bounded(lambda: agg.shutdown(timeout=LIMIT), LIMIT + 1, "shutdown()")
+    assert delivery.done
+    assert isinstance(delivery.error, RuntimeError)
+    assert Counter(second.totals) + Counter(folded(delivery.held())) == dict.fromkeys(range(3), 1)
+
+
+@pytest.mark.clause("SINK-1")
+def test_a_delivery_thread_that_does_not_start_leaves_nothing_registered(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agg = make()
+    start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name.startswith("delivery-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        agg.deliver(ClosingLedger())
+    monkeypatch.undo()
+    agg.add("k", 1)
+    sink = ClosingLedger()
+    agg.deliver(sink, max_wait=0, retry=FAST)  # not refused as "another delivery is running"
+    call_bounded(lambda: agg.shutdown(timeout=LIMIT), LIMIT + 1, "shutdown()")
+    assert sink.totals == {"k": 1}
+
+
+@pytest.mark.clause("SINK-2")
+def test_a_sink_that_changes_its_batch_gets_the_same_records_on_retry(make: Factory) -> None:
+    agg = make()
+    seen: list[Records] = []
+
+    class Shrinks:
+        def write(self, batch: Records, batch_id: str, /) -> None:
+            seen.append(list(batch))
+            if len(seen) == 1:
+                batch.clear()  # a sink that consumes its argument, then fails
+                raise ConnectionError("dropped")
+
+    for key in range(5):
+        agg.add(key, 1)
+    agg.flush()
+    delivery = agg.deliver(Shrinks(), max_wait=0, retry=FAST)
+    call_bounded(lambda: agg.shutdown(timeout=LIMIT), LIMIT + 1, "shutdown()")
+    assert len(seen) == 2
+    assert seen[1] == seen[0]
+    assert sorted(seen[1]) == [(k, 1) for k in range(5)]
+    assert delivery.stats().records == 5
+
+
+@pytest.mark.clause("SINK-1", "SINK-4")
+def test_deliver_refuses_a_sink_whose_close_is_a_coroutine_function(make: Factory) -> None:
+    class AsyncClose(Ledger):
+        async def close(self) -> None:
+            pass
+
+    agg = make()
+    with pytest.raises(TypeError, match=r"async close\(\).*adeliver\(\)"):
+        agg.deliver(AsyncClose())
+    agg.deliver(ClosingLedger())  # nothing registered
+
+
+def wait_for(condition: Any, seconds: float = LIMIT) -> bool:
+    """Poll ``condition()`` every millisecond for up to ``seconds``; its last value."""
+    done = threading.Event()
+    for _ in range(int(seconds * 1000)):
+        if condition():
+            return True
+        done.wait(0.001)
+    return bool(condition())
+
+
+_ = operator  # the module's merges come from the shared sinks
