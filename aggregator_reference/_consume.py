@@ -39,6 +39,8 @@ class Consuming(Generic[K, V]):
 
         def shutdown(self, timeout: float | None = None) -> None: ...
 
+        def _check_shutdown_caller(self, *, in_loop: bool = False) -> None: ...
+
     def records(self) -> Iterator[tuple[K, V]]:
         """Yield flushed records as they arrive; end once shut down and drained.
 
@@ -143,6 +145,7 @@ class Consuming(Generic[K, V]):
         Raises:
             As :meth:`~aggregator_reference.BufferedAggregator.shutdown`.
         """
+        self._check_shutdown_caller(in_loop=True)
         await asyncio.get_running_loop().run_in_executor(None, self.shutdown, timeout)
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._consume import check_batch_arguments
 from ._delivery import AsyncSink, Delivery, Retry, Sink
-from ._errors import DeliveryError
+from ._errors import AggregatorClosedError, DeliveryError
 from ._exit import DELIVERY
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class Delivering(Generic[K, V]):
 
     #: The deliveries started on this aggregator, newest last; replaced, never mutated.
     _deliveries: tuple[Delivery[K, V], ...] = ()
+    _closed: bool  # the engine's: set by _close_after_deliveries
 
     def deliver(
         self,
@@ -76,18 +77,24 @@ class Delivering(Generic[K, V]):
                 sink whose ``write`` is a coroutine function (use :meth:`adeliver`).
             DeliveryError: another delivery of this aggregator is still running.
         """
-        if inspect.iscoroutinefunction(getattr(sink, "write", None)):
-            raise TypeError(
-                f"sink {sink!r} has an async write(): deliver() writes from a thread and cannot "
-                "await it; call adeliver() from a coroutine instead"
-            )
+        for method in ("write", "close"):
+            if inspect.iscoroutinefunction(getattr(sink, method, None)):
+                raise TypeError(
+                    f"sink {sink!r} has an async {method}(): deliver() calls it from a thread and "
+                    "cannot await it; call adeliver() from a coroutine instead"
+                )
         delivery = self._start_delivery(sink, batch_size, max_wait, retry)
         # A daemon: at exit, a sink that keeps failing must not keep the process alive (LIFE-2
         # logs what it held instead).
         delivery.thread = threading.Thread(
             target=delivery.run, name=f"delivery-{delivery.writer[:8]}", daemon=True
         )
-        delivery.thread.start()
+        try:
+            delivery.thread.start()
+        except BaseException:  # "can't start new thread": it never ran, so it must not count
+            with _deliveries_lock:
+                self._deliveries = tuple(d for d in self._deliveries if d is not delivery)
+            raise
         return delivery
 
     def adeliver(
@@ -118,6 +125,11 @@ class Delivering(Generic[K, V]):
     def _start_delivery(self, sink: Any, batch_size: int, max_wait: float, retry: Retry) -> Delivery[K, V]:
         check_delivery_arguments(sink, batch_size, max_wait, retry)
         with _deliveries_lock:
+            if self._closed:
+                raise AggregatorClosedError(
+                    "deliver() called after shutdown() completed; take what is left in the output "
+                    "with drain()"
+                )
             running = [d for d in self._deliveries if not d.done]
             if running:
                 raise DeliveryError(
@@ -132,17 +144,57 @@ class Delivering(Generic[K, V]):
         """Records taken by deliveries and not yet written."""
         return sum(len(d._held) for d in self._deliveries)
 
-    def _wait_for_deliveries(self, wait: Patience) -> None:
-        """Part of ``shutdown()``, once the output is closed: wait until every delivery has ended."""
+    def _check_shutdown_caller(self, *, in_loop: bool = False) -> None:
+        """Refuse a shutdown that would wait for a delivery it stops (SINK-4); before anything waits.
+
+        ``in_loop``: called by ``ashutdown()`` in its event loop, which it does not block.
+
+        Raises:
+            DeliveryError: called from the sink's ``write`` or ``close`` (the
+                delivery's own thread or task), or, blocking, in the event loop
+                that runs a delivery.
+        """
         here = threading.current_thread()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        task = asyncio.current_task() if loop is not None else None
         for delivery in self._deliveries:
-            if delivery.thread is here:
-                continue  # shutdown() from inside the sink's write: its own delivery ends after it
-            if not wait.until(delivery.wait, DELIVERY):
-                s = delivery.stats()
-                raise TimeoutError(
-                    f"shutdown() timed out waiting for the delivery into {delivery.sink!r}: "
-                    f"{s.held} record(s) held, {self.pending} pending"  # type: ignore[attr-defined]
-                    + (f", writes failing ({s.retries} retries; last: {s.last_error!r})" if s.failing else "")
-                    + "; nothing was lost, call shutdown() again"
+            if delivery.done:
+                continue
+            if delivery.thread is here or (task is not None and delivery.task is task):
+                raise DeliveryError(
+                    "shutdown() called from inside the sink's write() or close() would wait for "
+                    "the very delivery that calls it; call it from another thread or task"
                 )
+            if not in_loop and delivery.task is not None and delivery.task.get_loop() is loop:
+                raise DeliveryError(
+                    f"shutdown() would block the event loop that runs the delivery into "
+                    f"{delivery.sink!r}, which it waits for; use await agg.ashutdown() there"
+                )
+
+    def _close_after_deliveries(self, wait: Patience) -> None:
+        """Part of ``shutdown()``, once the output is closed: wait for every delivery, then be closed.
+
+        ``_closed`` is set under the lock that ``deliver()`` takes, once no
+        delivery runs: a delivery started meanwhile is waited for too.
+        """
+        while True:
+            for delivery in self._deliveries:
+                if not wait.until(delivery.wait, DELIVERY):
+                    s = delivery.stats()
+                    raise TimeoutError(
+                        f"shutdown() timed out waiting for the delivery into {delivery.sink!r}: "
+                        f"{s.held} record(s) held, {self.pending} pending"  # type: ignore[attr-defined]
+                        + (
+                            f", writes failing ({s.retries} retries; last: {s.last_error!r})"
+                            if s.failing
+                            else ""
+                        )
+                        + "; nothing was lost, call shutdown() again"
+                    )
+            with _deliveries_lock:
+                if all(delivery.done for delivery in self._deliveries):
+                    self._closed = True
+                    return

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass
@@ -171,7 +172,14 @@ class Delivery(Generic[K, V]):
 
     @property
     def done(self) -> bool:
-        """Whether the delivery has ended (see :attr:`DeliveryStats.done`)."""
+        """Whether the delivery has ended (see :attr:`DeliveryStats.done`).
+
+        A task whose event loop was closed before it ended counts as ended
+        (its :attr:`error` says so; :meth:`held` has what it held).
+        """
+        if not self._done.is_set() and self.task is not None and self.task.get_loop().is_closed():
+            self._stopped(RuntimeError("its event loop was closed before the delivery ended"), trace=False)
+            self._done.set()
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -180,7 +188,15 @@ class Delivery(Generic[K, V]):
         It ends after the aggregator's ``shutdown()`` once every record is
         written; use ``shutdown()`` itself to wait for that.
         """
-        return self._done.wait(timeout)
+        if self.task is None:
+            return self._done.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:  # a task's loop may close under it: look every 0.1 s
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self._done.wait(left)
+        return True
 
     def stats(self) -> DeliveryStats:
         """The counters now (see :class:`DeliveryStats`)."""
@@ -239,8 +255,8 @@ class Delivery(Generic[K, V]):
                 self._held = batch
                 batch_id = self._next_id()
                 while True:
-                    try:
-                        result: object = self.sink.write(batch, batch_id)
+                    try:  # a copy: the batch is kept whole for a retry and held(), whatever write does
+                        result: object = self.sink.write(list(batch), batch_id)
                     except Exception as exc:
                         threading.Event().wait(self._failed(exc, batch_id))
                         continue
@@ -268,7 +284,7 @@ class Delivery(Generic[K, V]):
                 batch_id = self._next_id()
                 while True:
                     try:
-                        result = self.sink.write(batch, batch_id)
+                        result = self.sink.write(list(batch), batch_id)
                         if inspect.isawaitable(result):
                             await result
                     except Exception as exc:
@@ -282,13 +298,14 @@ class Delivery(Generic[K, V]):
                 if inspect.isawaitable(result):
                     await result
         except BaseException as exc:
-            self._stopped(exc)
-            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+            if not self._done.is_set():  # not already ended by its loop closing (done)
+                self._stopped(exc)
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit)):
                 raise
         finally:
             self._done.set()
 
-    def _stopped(self, exc: BaseException) -> None:
+    def _stopped(self, exc: BaseException, *, trace: bool = True) -> None:
         """The consumer ends early: keep the error and say what it leaves behind (SINK-4)."""
         self.error = exc
         logger.error(
@@ -297,5 +314,5 @@ class Delivery(Generic[K, V]):
             self.sink,
             type(exc).__name__,
             len(self._held),
-            exc_info=not isinstance(exc, asyncio.CancelledError),
+            exc_info=trace and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)),
         )

@@ -285,10 +285,13 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Delivering[K, V], Gener
                 or from inside another's, and it could not finish within
                 ``kit.CALLBACK_WAIT`` (1) s (then as after ``TimeoutError``).
             ValueError: ``timeout`` is negative.
+            DeliveryError: called from a delivery's sink, or blocking the event
+                loop a delivery runs in (use ``ashutdown()`` there); SINK-4.
         """
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
         self._refuse_from_merge("shutdown()")
+        self._check_shutdown_caller()
         # From inside another aggregator's merge, what this waits for (a running flush, adds in
         # flight) may be waiting for that merge: wait only so long (REENTRY-1).
         inside = kit.callback_timeout()
@@ -335,8 +338,7 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Delivering[K, V], Gener
                     "drain the output and call shutdown() again"
                 )
         self._output.close()
-        self._wait_for_deliveries(wait)
-        self._closed = True
+        self._close_after_deliveries(wait)  # sets _closed once no delivery runs (SINK-4)
 
     def _close_storage(self, wait: _exit.Patience) -> None:
         """``storage.close()``, which waits for adds in flight, within ``wait``'s deadline (CLOSE-4).

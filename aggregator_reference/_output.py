@@ -130,7 +130,8 @@ class Output(Generic[T]):
     def batch_now(self, max_size: int, max_wait: float) -> list[T] | float | None:
         """A batch if one is due now, else how long until one may be; ``None`` once closed and empty.
 
-        A batch is due when ``max_size`` items wait, when the oldest waited
+        A batch is due when ``max_size`` items wait, when the output is full
+        (no more can arrive until some are taken), when the oldest waited
         ``max_wait`` seconds, or when the output is closed. Returns the batch
         (a non-empty list), or the seconds to wait before asking again
         (``float('inf')`` while empty), or ``None``.
@@ -142,7 +143,8 @@ class Output(Generic[T]):
         if not self._items:
             return None if self._closed else float("inf")
         left = self._arrivals[0][0] + max_wait - time.monotonic()
-        if len(self._items) >= max_size or self._closed or left <= 0:
+        waiting = len(self._items)
+        if waiting >= max_size or waiting >= self.maxsize or self._closed or left <= 0:
             return self._pop(min(max_size, len(self._items)))
         return left
 
