@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import random
 import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -21,6 +22,7 @@ from .flaky_sink import Flaky
 pytestmark = pytest.mark.timeout(120)
 
 SinkFactory = Callable[..., Any]
+Method = Literal["copy", "executemany"]
 FAST = ar.Retry(first=0.001, maximum=0.01)
 
 
@@ -202,3 +204,151 @@ def test_importing_the_sinks_does_not_import_psycopg() -> None:
     code = "import sys, aggregator_reference.sinks; print('psycopg' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def _integrity_error(sink: Any) -> type[Exception]:
+    """The exception a sink's driver raises for a broken constraint."""
+    if isinstance(sink, SQLiteSink):
+        import sqlite3
+
+        return sqlite3.IntegrityError
+    import psycopg
+
+    return psycopg.errors.IntegrityError
+
+
+def test_a_none_or_nan_key_is_refused_instead_of_adding_rows(make_sink: SinkFactory) -> None:
+    """SINK-5: ``key`` is the primary key; NULL (None, and NaN, which SQLite binds as NULL) never merges."""
+    sink = make_sink()
+    sink.write([("a", 1)], "w:1")
+    bad_keys: list[object] = [None, math.nan] if isinstance(sink, SQLiteSink) else [None]
+    for number, key in enumerate(bad_keys, 2):
+        for _ in range(2):  # a retry fails the same way: nothing of the batch is applied
+            with pytest.raises(_integrity_error(sink)):
+                sink.write([("a", 1), (key, 1)], f"w:{number}")
+    assert _rows(sink, f'SELECT key, value FROM "{sink.table}"') == [("a", 1)]
+    sink.close()
+
+
+def test_a_table_name_leaves_room_for_the_ledger_and_staging_names(
+    make_sink: SinkFactory, table: str
+) -> None:
+    """SINK-5: PostgreSQL cuts names to 63 bytes, so ``<table>_incoming`` must fit: 54 at most."""
+    with pytest.raises(ValueError, match=r"table.*54.*_incoming"):
+        make_sink(table="t" * 55)
+    longest = table.ljust(54, "x")
+    sink = make_sink(table=longest)
+    sink.write([("a", 1)], "w:1")
+    sink.write([("a", 1)], "w:1")  # skipped: the ledger <table>_ledger holds it
+    sink.write([("a", 1)], "w:2")
+    assert sink.read() == {"a": 2}
+    sink.close()
+
+
+def test_a_merge_of_several_statements_is_refused(make_sink: SinkFactory) -> None:
+    """SINK-5: ``merge`` is one SQL expression; a ``;`` could chain statements (COPY's upsert is unbound)."""
+    with pytest.raises(ValueError, match="merge"):
+        make_sink(merge="{stored} + {incoming}; CREATE TABLE pwned (x int)")
+
+
+@pytest.mark.parametrize("method", ["copy", "executemany"])
+def test_keys_equal_only_for_the_column_type_are_merged(
+    postgres_dsn: str, table: str, method: Method
+) -> None:
+    """SINK-5: keys distinct in Python but equal for the key's SQL type are merged, by COPY too."""
+    from aggregator_reference.sinks import PostgresSink
+
+    padded: Any = PostgresSink(postgres_dsn, table=table, key_type="BPCHAR", method=method)
+    padded.write([("a", 1), ("b", 1), ("a ", 2)], "w:1")  # 'a' = 'a ' in BPCHAR
+    padded.write([("a  ", 4), ("b", 1)], "w:2")
+    assert padded.read() == {"a": 7, "b": 2}
+    padded.close()
+    real: Any = PostgresSink(postgres_dsn, table=f"{table}_real", key_type="REAL", method=method)
+    real.write([(0.1, 1), (0.5, 1), (0.1 + 1e-12, 2)], "w:1")  # one REAL
+    assert sorted(real.read().values()) == [1, 3]
+    real.close()
+
+
+@pytest.mark.parametrize("method", ["copy", "executemany"])
+def test_a_write_waiting_on_a_locked_ledger_row_times_out(
+    postgres_dsn: str, table: str, method: Method
+) -> None:
+    """SINK-5, SINK-2: a write blocked by an attempt that never ends (a half-open connection) raises
+    after ``statement_timeout``, so the delivery retries, instead of waiting forever."""
+    import psycopg
+
+    from aggregator_reference.sinks import PostgresSink
+
+    sink: Any = PostgresSink(postgres_dsn, table=table, method=method, statement_timeout=0.2)
+    sink.write([("a", 1)], "w:1")
+    parameters = sink._connection.info.get_parameters()
+    assert (parameters["keepalives"], parameters["keepalives_idle"]) == ("1", "10")
+    assert (parameters["keepalives_interval"], parameters["keepalives_count"]) == ("5", "3")
+    raised: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            sink.write([("a", 1)], "w:2")
+        except BaseException as exc:
+            raised.append(exc)
+
+    with psycopg.connect(postgres_dsn) as holder:  # the first attempt of w:2, stuck
+        holder.execute(f'SELECT seq FROM "{table}_ledger" WHERE writer = %s FOR UPDATE', ("w",))
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(30)
+        blocked = thread.is_alive()
+        holder.rollback()
+    thread.join(30)
+    assert not blocked, "the write waited on the locked ledger row for 30 s"
+    assert len(raised) == 1
+    assert isinstance(raised[0], psycopg.OperationalError)  # LockNotAvailable or QueryCanceled
+    sink.write([("a", 1)], "w:2")  # the retry, once the lock is free
+    assert sink.read() == {"a": 2}
+    sink.close()
+
+
+def test_timeouts_and_the_retention_are_checked(tmp_path: Path) -> None:
+    """SINK-5: each number is named when wrong; none is accepted that would fail every write."""
+    too_long = threading.TIMEOUT_MAX * 2
+    path = tmp_path / "x.db"
+    sqlite: Any = SQLiteSink  # called with wrong types on purpose
+    for bad in (-1, math.inf, math.nan, too_long):
+        with pytest.raises(ValueError, match="busy_timeout"):
+            sqlite(path, busy_timeout=bad)
+    for bad in (0, -1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="ledger_retention"):
+            sqlite(path, ledger_retention=bad)
+    for name in ("busy_timeout", "ledger_retention"):
+        for wrong in (None, "10", True):
+            with pytest.raises(TypeError, match=name):
+                sqlite(path, **{name: wrong})
+    sqlite(path, busy_timeout=0, ledger_retention=1e300).close()
+    pytest.importorskip("psycopg")
+    from aggregator_reference import sinks
+
+    postgres: Any = sinks.PostgresSink  # called with wrong types on purpose
+    dsn = "host=127.0.0.1 port=1"
+    for name in ("connect_timeout", "statement_timeout", "ledger_retention"):
+        for bad in (0, -1, math.inf, math.nan):
+            with pytest.raises(ValueError, match=name):
+                postgres(dsn, **{name: bad})
+        for wrong in (None, "10", True):
+            with pytest.raises(TypeError, match=name):
+                postgres(dsn, **{name: wrong})
+    for name in ("connect_timeout", "statement_timeout"):
+        with pytest.raises(ValueError, match=name):
+            postgres(dsn, **{name: too_long})
+        postgres(dsn, **{name: threading.TIMEOUT_MAX})
+
+
+def test_sqlite_commits_are_durable_and_long_busy_timeouts_wait(tmp_path: Path) -> None:
+    """SINK-5: a commit ``write`` saw succeed survives a power failure (WAL with synchronous=FULL);
+    a busy_timeout past SQLite's ~24.8 days waits that long, not zero."""
+    sink: Any = SQLiteSink(tmp_path / "sink.db", busy_timeout=threading.TIMEOUT_MAX)
+    sink.write([("a", 1)], "w:1")
+    connection = sink._connection
+    assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    assert connection.execute("PRAGMA busy_timeout").fetchone() == (2**31 - 1,)  # milliseconds
+    sink.close()
