@@ -7,7 +7,7 @@ import time
 from collections.abc import Hashable
 from typing import Any, Generic, Literal, TypeVar, final
 
-from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, parse_batch_id, rounds
+from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, check_seconds, parse_batch_id, rounds
 
 try:
     import psycopg
@@ -21,6 +21,11 @@ __all__ = ["PostgresSink"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+#: libpq's TCP keepalives, unless the dsn sets them: a dead peer is noticed in about 25 s.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+#: The longest connect_timeout libpq takes (seconds) and statement_timeout PostgreSQL takes (ms).
+_INT_MAX = 2**31 - 1
 
 
 @final
@@ -45,6 +50,22 @@ class PostgresSink(Generic[K, V]):
     took 0.40x the time per record of executemany for batches of 500 (the
     default ``batch_size``) and 0.30x for 5000; for batches of 100, 1.15x.
 
+    Keys are merged when they are equal for ``key_type``, even when they
+    differ in Python (``'a'`` and ``'a '`` in ``BPCHAR``, two floats one
+    ``REAL``): a ``COPY`` round the server refuses for such keys
+    (``CardinalityViolation``) is rolled back to a savepoint and upserted
+    row by row. ``None`` keys are not supported: the key is ``NOT NULL``,
+    so a batch holding one raises ``psycopg.errors.NotNullViolation`` (an
+    ``IntegrityError``) at every retry. ``table`` has at most 54 characters,
+    so that ``<table>_incoming`` fits PostgreSQL's 63.
+
+    No wait is unbounded: the connection uses TCP keepalives (unless ``dsn``
+    sets its own) and the session's ``lock_timeout`` and
+    ``statement_timeout`` are ``statement_timeout`` seconds (at most about
+    24.8 days), so a retry waiting on the ledger row of an attempt whose
+    connection is half-open raises (the delivery retries it) instead of
+    blocking for ever.
+
     The ledger is pruned as SQLiteSink's: rows untouched for
     ``ledger_retention`` seconds are deleted every ``PRUNE_EVERY`` batches.
 
@@ -66,6 +87,7 @@ class PostgresSink(Generic[K, V]):
         value_type: str = "BIGINT",
         method: Literal["copy", "executemany"] = "copy",
         connect_timeout: float = 10.0,
+        statement_timeout: float = 60.0,
         ledger_retention: float = LEDGER_RETENTION,
     ) -> None:
         if not isinstance(dsn, str):
@@ -75,17 +97,13 @@ class PostgresSink(Generic[K, V]):
         for name, sql_type in (("key_type", key_type), ("value_type", value_type)):
             if not isinstance(sql_type, str) or not sql_type.replace(" ", "").isalnum():
                 raise ValueError(f"{name} must be an SQL type name such as 'BIGINT', got {sql_type!r}")
-        if not ledger_retention > 0 or not connect_timeout > 0:
-            raise ValueError(
-                f"connect_timeout and ledger_retention must be > 0 seconds, "
-                f"got {connect_timeout!r} and {ledger_retention!r}"
-            )
         self.dsn = dsn
         self.table = table
         self.method = method
         self.key_type, self.value_type = key_type, value_type
-        self.connect_timeout = float(connect_timeout)
-        self.ledger_retention = float(ledger_retention)
+        self.connect_timeout = check_seconds("connect_timeout", connect_timeout)
+        self.statement_timeout = check_seconds("statement_timeout", statement_timeout)
+        self.ledger_retention = check_seconds("ledger_retention", ledger_retention, finite=True)
         self._sql = Statements(table, merge, "%s")
         self._lock = threading.Lock()  # guards _connection and _written
         self._connection: psycopg.Connection[Any] | None = None
@@ -94,9 +112,29 @@ class PostgresSink(Generic[K, V]):
     def __repr__(self) -> str:
         return f"PostgresSink(table={self.table!r}, method={self.method!r})"
 
+    def _open(self) -> psycopg.Connection[Any]:
+        """A new connection with keepalives, whose statements and lock waits end after statement_timeout."""
+        given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        keepalives = {name: value for name, value in _KEEPALIVES.items() if name not in given}
+        seconds = max(1, min(round(self.connect_timeout), _INT_MAX))
+        connection = psycopg.connect(
+            psycopg.conninfo.make_conninfo(self.dsn, connect_timeout=seconds, **keepalives)
+        )
+        try:
+            milliseconds = str(max(1, min(round(self.statement_timeout * 1000), _INT_MAX)))
+            connection.execute(
+                "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+                (milliseconds, milliseconds),
+            )
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
     def _connect(self) -> psycopg.Connection[Any]:
         if self._connection is None or self._connection.closed:
-            connection = psycopg.connect(self.dsn, connect_timeout=max(1, round(self.connect_timeout)))
+            connection = self._open()
             try:
                 with connection.transaction():
                     # Two processes creating the same table at once: one waits for the other.
@@ -158,11 +196,16 @@ class PostgresSink(Generic[K, V]):
             f"(key {self.key_type}, value {self.value_type}) ON COMMIT DELETE ROWS"
         )
         for part in rounds(batch):  # a key twice in one INSERT ... ON CONFLICT is refused
-            with cursor.copy(f'COPY "{staging}" (key, value) FROM STDIN') as copy:
-                for record in part:
-                    copy.write_row(record)
-            cursor.execute(self._sql.upsert_from(staging))
-            cursor.execute(f'TRUNCATE "{staging}"')
+            try:
+                with cursor.connection.transaction():  # a savepoint
+                    with cursor.copy(f'COPY "{staging}" (key, value) FROM STDIN') as copy:
+                        for record in part:
+                            copy.write_row(record)
+                    cursor.execute(self._sql.upsert_from(staging))
+                    cursor.execute(f'TRUNCATE "{staging}"')
+            except psycopg.errors.CardinalityViolation:
+                # Keys distinct in Python, equal for key_type ('a', 'a ' in BPCHAR): one at a time.
+                cursor.executemany(self._sql.upsert(), part)
 
     def before_commit(self, batch_id: str) -> None:
         """Called inside each batch's transaction, just before it commits; does nothing.
@@ -179,6 +222,6 @@ class PostgresSink(Generic[K, V]):
 
     def read(self) -> dict[Any, Any]:
         """Every ``key: value`` in the table now, in a connection of its own (for checks and demos)."""
-        with psycopg.connect(self.dsn, connect_timeout=max(1, round(self.connect_timeout))) as connection:
+        with self._open() as connection:
             rows = connection.execute(f'SELECT key, value FROM "{self.table}"').fetchall()
         return dict(rows)

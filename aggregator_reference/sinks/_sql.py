@@ -1,19 +1,33 @@
-"""What the SQL sinks share: names, the merge expression, batch ids and the ledger (SINK-5)."""
+"""What the SQL sinks share: names, numbers, the merge expression, batch ids and the ledger (SINK-5)."""
 
 from __future__ import annotations
 
 import re
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["LEDGER_RETENTION", "PRUNE_EVERY", "Statements", "parse_batch_id", "rounds"]
+__all__ = [
+    "LEDGER_RETENTION",
+    "MAX_TABLE",
+    "PRUNE_EVERY",
+    "Statements",
+    "check_name",
+    "check_seconds",
+    "parse_batch_id",
+    "rounds",
+]
 
 #: Seconds after which a ledger row no delivery has touched is deleted (7 days).
 LEDGER_RETENTION = 7 * 24 * 3600.0
 #: The ledger is pruned in the transaction of every this many batches (and of the first).
 PRUNE_EVERY = 1000
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+#: The longest table name: PostgreSQL cuts names to 63 bytes, and ``<table>_incoming`` must fit.
+MAX_TABLE = 63 - len("_incoming")
+
+_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_TABLE - 1}}}")
 
 
 def check_name(what: str, name: object) -> str:
@@ -22,10 +36,29 @@ def check_name(what: str, name: object) -> str:
         raise TypeError(f"{what} must be a str, got {type(name).__name__}")
     if not _NAME.fullmatch(name):
         raise ValueError(
-            f"{what} must be a plain SQL identifier (a letter or _, then letters, digits or _; "
-            f"at most 63), got {name!r}"
+            f"{what} must be a plain SQL identifier (a letter or _, then letters, digits or _) "
+            f"of at most {MAX_TABLE} characters (PostgreSQL cuts names to 63 bytes, and the sinks "
+            f"also name '<{what}>_incoming' and '<{what}>_ledger'); got {name!r}"
         )
     return name
+
+
+def check_seconds(name: str, value: object, *, zero: bool = False, finite: bool = False) -> float:
+    """``value`` as a float if it is a number of seconds > 0 (>= 0 if ``zero``); else an error naming it.
+
+    At most ``threading.TIMEOUT_MAX`` (a wait); with ``finite``, any finite number (a span of time).
+
+    Raises:
+        TypeError: ``value`` is not an int or float (a bool is not).
+        ValueError: ``value`` is out of range (or NaN).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    most = sys.float_info.max if finite else threading.TIMEOUT_MAX
+    if not ((value >= 0 if zero else value > 0) and value <= most):
+        bound = "finite" if finite else f"at most threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g})"
+        raise ValueError(f"{name} must be {'>=' if zero else '>'} 0 seconds and {bound}, got {value!r}")
+    return float(value)
 
 
 def parse_batch_id(batch_id: object) -> tuple[str, int]:
@@ -63,7 +96,10 @@ class Statements:
     """The SQL of one sink: its table, its ledger and its upsert, in one dialect.
 
     ``merge`` is an SQL expression of ``{stored}`` (the value in the table)
-    and ``{incoming}`` (the batch's value), e.g. ``"{stored} + {incoming}"``.
+    and ``{incoming}`` (the batch's value), e.g. ``"{stored} + {incoming}"``;
+    one expression, so without ``;`` (which would chain another statement).
+    The key column is ``NOT NULL``: a ``None`` key (or, in SQLite, a NaN,
+    bound as NULL) makes the batch raise ``IntegrityError``.
     """
 
     table: str
@@ -79,6 +115,8 @@ class Statements:
                 f"merge must be an SQL expression of {{stored}} and {{incoming}}, such as "
                 f"'{{stored}} + {{incoming}}'; got {self.merge!r}"
             )
+        if ";" in self.merge:
+            raise ValueError(f"merge must be one SQL expression, without ';'; got {self.merge!r}")
 
     @property
     def ledger(self) -> str:
@@ -86,7 +124,8 @@ class Statements:
 
     def create(self, key_type: str, value_type: str, at_type: str) -> list[str]:
         """``CREATE TABLE IF NOT EXISTS`` for the table and its ledger."""
-        key = " ".join(filter(None, ("key", key_type, "PRIMARY KEY")))
+        # NOT NULL: SQLite lets a PRIMARY KEY that is not an INTEGER hold many NULLs, never merged.
+        key = " ".join(filter(None, ("key", key_type, "PRIMARY KEY NOT NULL")))
         value = " ".join(filter(None, ("value", value_type)))
         return [
             f'CREATE TABLE IF NOT EXISTS "{self.table}" ({key}, {value})',

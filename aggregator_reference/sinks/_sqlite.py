@@ -9,12 +9,15 @@ import time
 from collections.abc import Hashable
 from typing import Any, Generic, TypeVar, final
 
-from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, parse_batch_id
+from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, check_seconds, parse_batch_id
 
 __all__ = ["SQLiteSink"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+#: SQLite's busy timeout is an int of milliseconds; a longer one would wrap round to no wait at all.
+_BUSY_TIMEOUT_MAX = (2**31 - 1) / 1000
 
 
 @final
@@ -32,16 +35,24 @@ class SQLiteSink(Generic[K, V]):
 
     ``merge`` is an SQL expression of ``{stored}`` and ``{incoming}``, a sum
     by default; ``"max({stored}, {incoming})"`` keeps the largest. The table
-    ``(key PRIMARY KEY, value)`` and the ledger are created if missing. The
-    database is opened in WAL mode, so readers never block the writer and
-    several processes may write into one file (each waits up to
-    ``busy_timeout`` seconds for the others' transactions).
+    ``(key PRIMARY KEY NOT NULL, value)`` and the ledger are created if
+    missing. The database is opened in WAL mode, so readers never block the
+    writer and several processes may write into one file (each waits up to
+    ``busy_timeout`` seconds for the others' transactions; SQLite waits at
+    most about 24.8 days). With ``synchronous=FULL`` a batch whose ``write``
+    returned is durable: its commit survives a crash or a power failure
+    (``NORMAL`` in WAL mode could lose the last commits, which the delivery
+    would never send again).
 
     ``path`` ``":memory:"`` keeps the table in the sink's own connection:
     ``close()`` discards it.
 
     Keys and values must be types ``sqlite3`` binds (str, int, float, bytes,
     None); anything else makes ``write`` raise, and a delivery retries it.
+    ``None`` and NaN keys are not supported: SQLite stores both as NULL,
+    which the ``NOT NULL`` key refuses (``sqlite3.IntegrityError``), so a
+    batch holding one fails at every retry instead of adding rows that never
+    merge.
 
     The ledger keeps one row per delivery that ever wrote; rows no delivery
     has touched for ``ledger_retention`` seconds (7 days) are deleted, in the
@@ -68,13 +79,8 @@ class SQLiteSink(Generic[K, V]):
         self.path = os.fspath(path)
         self._sql = Statements(table, merge, "?")
         self.table = table
-        self.busy_timeout = float(busy_timeout)
-        self.ledger_retention = float(ledger_retention)
-        if not self.busy_timeout >= 0 or not self.ledger_retention > 0:
-            raise ValueError(
-                f"busy_timeout must be >= 0 and ledger_retention > 0 seconds, "
-                f"got {busy_timeout!r} and {ledger_retention!r}"
-            )
+        self.busy_timeout = check_seconds("busy_timeout", busy_timeout, zero=True)
+        self.ledger_retention = check_seconds("ledger_retention", ledger_retention, finite=True)
         self._lock = threading.Lock()  # guards _connection and _written
         self._connection: sqlite3.Connection | None = None
         self._written = 0  # transactions that applied a batch, for pruning
@@ -86,13 +92,17 @@ class SQLiteSink(Generic[K, V]):
         if self._connection is None:
             # isolation_level=None: no implicit transactions; each batch says BEGIN IMMEDIATE.
             connection = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+                self.path,
+                timeout=min(self.busy_timeout, _BUSY_TIMEOUT_MAX),
+                isolation_level=None,
+                check_same_thread=False,
             )
             try:
                 if self.path != ":memory:":
                     connection.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit is on disk once COMMIT returns (the delivery then forgets the batch).
                 connection.execute(
-                    "PRAGMA synchronous=NORMAL" if self.path != ":memory:" else "PRAGMA synchronous=OFF"
+                    "PRAGMA synchronous=FULL" if self.path != ":memory:" else "PRAGMA synchronous=OFF"
                 )
                 for statement in self._sql.create("", "", "REAL"):
                     connection.execute(statement)
