@@ -50,7 +50,7 @@ def _direct(path: str, workload: list[tuple[str, int]]) -> float:
     connection = sqlite3.connect(path, isolation_level=None)
     try:
         connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")  # as SQLiteSink does
+        connection.execute("PRAGMA synchronous=FULL")  # as SQLiteSink does: durable at each commit
         connection.execute("CREATE TABLE direct (key PRIMARY KEY, value)")
         upsert = (
             "INSERT INTO direct (key, value) VALUES (?, ?) "
