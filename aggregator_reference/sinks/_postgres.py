@@ -46,9 +46,11 @@ class PostgresSink(Generic[K, V]):
     ``method`` says how the records travel: ``"copy"`` (the default: ``COPY``
     into a temporary table, then one ``INSERT ... SELECT ... ON CONFLICT``) or
     ``"executemany"`` (psycopg's ``executemany`` of the upsert). Measured on
-    this project's machine (PostgreSQL 15 on loopback, psycopg 3.3): COPY
-    took 0.40x the time per record of executemany for batches of 500 (the
-    default ``batch_size``) and 0.30x for 5000; for batches of 100, 1.15x.
+    this project's machine with ``tools/bench_postgres_methods.py``
+    (PostgreSQL 15 on loopback, psycopg 3.3, a busy machine): COPY took
+    0.40-0.60x the time per record of executemany for batches of 500 (the
+    default ``batch_size``) and 0.30-0.53x for 5000; for batches of 100,
+    0.98-1.36x (three runs).
 
     Keys are merged when they are equal for ``key_type``, even when they
     differ in Python (``'a'`` and ``'a '`` in ``BPCHAR``, two floats one
