@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ._consume import check_batch_arguments
 from ._delivery import AsyncSink, Delivery, Retry, Sink
 from ._errors import AggregatorClosedError, DeliveryError
-from ._exit import DELIVERY
+from ._exit import DELIVERY, ROOM, Waiting
 
 if TYPE_CHECKING:
     from ._exit import Patience
@@ -173,6 +173,25 @@ class Delivering(Generic[K, V]):
                     f"shutdown() would block the event loop that runs the delivery into "
                     f"{delivery.sink!r}, which it waits for; use await agg.ashutdown() there"
                 )
+
+    def _room_wait(self) -> tuple[Waiting, str]:
+        """What ``shutdown()`` waits for while the output is full, and its ``TimeoutError``'s advice.
+
+        With a delivery running, its sink is the consumer: draining the output
+        by hand would bypass it (and its order), so the advice is about the sink.
+        """
+        running = [delivery for delivery in self._deliveries if not delivery.done]
+        if not running:
+            return ROOM, "drain the output and call shutdown() again"
+        delivery = running[0]
+        s = delivery.stats()
+        state = f"failing ({s.retries} retries; last: {s.last_error!r})" if s.failing else "writing"
+        what = f"the delivery into {delivery.sink!r} to take batches from the output; its writes are {state}"
+        advice = (
+            "see Delivery.stats(); once the sink takes writes again, the delivery makes room "
+            "(records taken by hand would bypass the sink); or pass timeout=..."
+        )
+        return Waiting(what, advice, countable=True), f"{what}; call shutdown() again once the sink works"
 
     def _close_after_deliveries(self, wait: Patience) -> None:
         """Part of ``shutdown()``, once the output is closed: wait for every delivery, then be closed.

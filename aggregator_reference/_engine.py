@@ -331,11 +331,11 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Delivering[K, V], Gener
                 self._flush_lock.release()
             if not requeued and not len(self._storage):
                 break
-            if requeued and not wait.until(self._output.wait_for_room, _exit.ROOM):
+            if requeued and not wait.until(self._output.wait_for_room, self._room_wait()[0]):
                 raise TimeoutError(
                     f"shutdown() timed out: the output is full ({self.pending} pending) "
                     f"and {len(self._storage)} record(s) are still buffered; nothing was lost, "
-                    "drain the output and call shutdown() again"
+                    + self._room_wait()[1]
                 )
         self._output.close()
         self._close_after_deliveries(wait)  # sets _closed once no delivery runs (SINK-4)
