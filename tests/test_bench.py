@@ -130,7 +130,7 @@ def test_bad_counts_are_a_clean_error() -> None:
     assert "no aggregator backend named 'nope'" in out.getvalue()
     out = io.StringIO()
     assert main(["bench", "--consumers", "-1"], out) == 2
-    assert "--consumers >= 0" in out.getvalue()
+    assert "--consumers and --sink >= 0" in out.getvalue()
 
 
 def test_names_moved_to_bench_costs_stay_importable_from_bench() -> None:
