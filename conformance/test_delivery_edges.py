@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import os
 import threading
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -242,3 +244,121 @@ def test_a_shutdown_waiting_on_a_failing_delivery_says_so(
         healthy.set()
     call_bounded(lambda: agg.shutdown(timeout=LIMIT), LIMIT + 1, "shutdown() once the sink healed")
     assert sink.totals == dict.fromkeys(range(8), 1)
+
+
+@pytest.mark.clause("SINK-1", "SINK-4")
+def test_a_delivery_thread_that_does_not_start_does_not_hold_up_a_shutdown_under_way(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agg = make()
+    agg.add("k", 1)
+    start = threading.Thread.start
+    outcome: list[BaseException | None] = []
+
+    def shut_down() -> None:
+        try:
+            agg.shutdown(timeout=3)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    stopper = threading.Thread(target=shut_down, daemon=True)
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name.startswith("delivery-"):  # a shutdown begins while it is registered
+            start(stopper)
+            threading.Event().wait(0.3)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        agg.deliver(ClosingLedger())
+    monkeypatch.undo()
+    stopper.join(LIMIT)
+    assert outcome == [None], f"the shutdown under way waited for a delivery that never ran: {outcome}"
+    assert agg.drain() == [("k", 1)]
+
+
+@pytest.mark.clause("SINK-4")
+def test_an_adeliver_task_cancelled_before_its_first_step_counts_as_ended(make: Factory) -> None:
+    agg = make()
+    first, second = ClosingLedger(), ClosingLedger()
+
+    async def main() -> Any:
+        delivery = agg.adeliver(first, max_wait=0, retry=FAST)
+        assert delivery.task is not None
+        delivery.task.cancel()  # a TaskGroup or asyncio.timeout may do this before it ever runs
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert delivery.done
+        agg.adeliver(second, max_wait=0, retry=FAST)  # not "still running"
+        agg.add("k", 1)
+        await agg.ashutdown(timeout=LIMIT)
+        return delivery
+
+    delivery = call_bounded(lambda: asyncio.run(main()), LIMIT + 2, "the event loop")
+    assert isinstance(delivery.error, asyncio.CancelledError)
+    assert second.totals == {"k": 1}
+    assert first.events == []
+
+
+@pytest.mark.clause("SINK-4")
+def test_shutdown_from_a_task_the_sinks_write_starts_is_refused(make: Factory) -> None:
+    agg = make()
+    outcome: list[BaseException | None] = []
+
+    class SpawnsShutdown(ClosingLedger):
+        async def write(self, batch: Records, batch_id: str, /) -> None:  # type: ignore[override]
+            if not outcome:
+                try:
+                    await asyncio.create_task(agg.ashutdown(timeout=2))  # a task of its own
+                    outcome.append(None)
+                except BaseException as exc:
+                    outcome.append(exc)
+            self.apply(batch, batch_id)
+
+    sink = SpawnsShutdown()
+
+    async def main() -> None:
+        agg.adeliver(sink, max_wait=0, retry=FAST)
+        agg.add("k", 1)
+        agg.flush()
+        while not outcome:
+            await asyncio.sleep(0.001)
+        await agg.ashutdown(timeout=LIMIT)
+
+    call_bounded(lambda: asyncio.run(main()), LIMIT + 2, "the event loop")
+    assert isinstance(outcome[0], ar.DeliveryError), outcome
+    assert sink.totals == {"k": 1}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.clause("SINK-4", "LIFE-3")
+def test_a_process_forked_inside_the_sinks_write_can_shut_down_its_copy(make: Factory) -> None:
+    agg = make()
+    children: list[int] = []
+
+    class Forks(ClosingLedger):
+        def write(self, batch: Records, batch_id: str, /) -> None:
+            if not children:
+                pid = os.fork()
+                if pid == 0:  # the child: its copy is closed (LIFE-3), so shutdown() returns
+                    try:
+                        agg.shutdown(timeout=1)
+                        code = 0
+                    except BaseException:
+                        code = 1
+                    os._exit(code)
+                children.append(pid)
+            super().write(batch, batch_id)
+
+    sink = Forks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
+        agg.deliver(sink, max_wait=0, retry=FAST)
+        agg.add("k", 1)
+        call_bounded(lambda: agg.shutdown(timeout=LIMIT), LIMIT + 1, "shutdown()")
+    _, status = os.waitpid(children[0], 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's shutdown() of its copy raised"
+    assert sink.totals == {"k": 1}
