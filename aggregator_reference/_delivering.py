@@ -9,7 +9,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._consume import check_batch_arguments
-from ._delivery import AsyncSink, Delivery, Retry, Sink
+from ._delivery import AsyncSink, Delivery, Retry, Sink, inside_sink
 from ._errors import AggregatorClosedError, DeliveryError
 from ._exit import DELIVERY, ROOM, Waiting
 
@@ -91,7 +91,9 @@ class Delivering(Generic[K, V]):
         )
         try:
             delivery.thread.start()
-        except BaseException:  # "can't start new thread": it never ran, so it must not count
+        except BaseException as exc:  # "can't start new thread": it never ran, so it must not count
+            delivery.error = exc
+            delivery._done.set()  # a shutdown already waiting for it stops waiting
             with _deliveries_lock:
                 self._deliveries = tuple(d for d in self._deliveries if d is not delivery)
             raise
@@ -154,19 +156,23 @@ class Delivering(Generic[K, V]):
                 delivery's own thread or task), or, blocking, in the event loop
                 that runs a delivery.
         """
+        if self._closed:  # nothing to wait for (in a forked child too, LIFE-3)
+            return
         here = threading.current_thread()
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         task = asyncio.current_task() if loop is not None else None
+        marked = inside_sink()
         for delivery in self._deliveries:
             if delivery.done:
                 continue
-            if delivery.thread is here or (task is not None and delivery.task is task):
+            if delivery is marked or delivery.thread is here or (task is not None and delivery.task is task):
                 raise DeliveryError(
-                    "shutdown() called from inside the sink's write() or close() would wait for "
-                    "the very delivery that calls it; call it from another thread or task"
+                    "shutdown() called from inside the sink's write() or close() (or a task they "
+                    "started) would wait for the very delivery that calls it; call it from "
+                    "another thread or task"
                 )
             if not in_loop and delivery.task is not None and delivery.task.get_loop() is loop:
                 raise DeliveryError(
@@ -185,13 +191,14 @@ class Delivering(Generic[K, V]):
             return ROOM, "drain the output and call shutdown() again"
         delivery = running[0]
         s = delivery.stats()
-        state = f"failing ({s.retries} retries; last: {s.last_error!r})" if s.failing else "writing"
-        what = f"the delivery into {delivery.sink!r} to take batches from the output; its writes are {state}"
+        state = f"failing ({s.retries} retries; last: {s.last_error!r})" if s.failing else "not failing"
+        what = f"the delivery into {delivery.sink!r} to take batches from the output (its writes: {state})"
         advice = (
-            "see Delivery.stats(); once the sink takes writes again, the delivery makes room "
+            "see Delivery.stats(); the delivery makes room as the sink takes batches "
             "(records taken by hand would bypass the sink); or pass timeout=..."
         )
-        return Waiting(what, advice, countable=True), f"{what}; call shutdown() again once the sink works"
+        timed_out = f"the output waits for {what}; call shutdown() again once the sink takes batches"
+        return Waiting(what, advice, countable=True), timed_out
 
     def _close_after_deliveries(self, wait: Patience) -> None:
         """Part of ``shutdown()``, once the output is closed: wait for every delivery, then be closed.

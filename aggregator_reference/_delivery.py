@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import math
@@ -12,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, final, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final, runtime_checkable
 
 if TYPE_CHECKING:
     from ._engine import BufferedAggregator
@@ -161,6 +162,7 @@ class Delivery(Generic[K, V]):
         self._failures = 0  # failed writes of the batch held now
         self._last_error: BaseException | None = None
         self._done = threading.Event()  # set once the consumer has ended, whatever the reason
+        self._ending = threading.Lock()  # makes _end() run once, from whichever thread sees it first
         self.error: BaseException | None = None  # the BaseException that ended it early, if any
         self.thread: threading.Thread | None = None  # the consumer of deliver()
         self.task: asyncio.Task[None] | None = None  # the consumer of adeliver()
@@ -174,12 +176,19 @@ class Delivery(Generic[K, V]):
     def done(self) -> bool:
         """Whether the delivery has ended (see :attr:`DeliveryStats.done`).
 
-        A task whose event loop was closed before it ended counts as ended
-        (its :attr:`error` says so; :meth:`held` has what it held).
+        A task that finished without running to its end (cancelled before its
+        first step), or whose event loop was closed before it ended, counts as
+        ended: its :attr:`error` says so; :meth:`held` has what it held.
         """
-        if not self._done.is_set() and self.task is not None and self.task.get_loop().is_closed():
-            self._stopped(RuntimeError("its event loop was closed before the delivery ended"), trace=False)
-            self._done.set()
+        task = self.task
+        if not self._done.is_set() and task is not None:
+            if task.done():
+                why: BaseException = (
+                    asyncio.CancelledError() if task.cancelled() else RuntimeError("its task ended early")
+                )
+                self._end(why, trace=False)
+            elif task.get_loop().is_closed():
+                self._end(RuntimeError("its event loop was closed before the delivery ended"), trace=False)
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -191,8 +200,9 @@ class Delivery(Generic[K, V]):
         if self.task is None:
             return self._done.wait(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:  # a task's loop may close under it: look every 0.1 s
-            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+        while not self.done:  # a task's loop may close under it: look now and then
+            slice_ = 1.0 if self.task.get_loop().is_running() else 0.1
+            left = slice_ if deadline is None else min(slice_, deadline - time.monotonic())
             if left <= 0:
                 return False
             self._done.wait(left)
@@ -256,7 +266,7 @@ class Delivery(Generic[K, V]):
                 batch_id = self._next_id()
                 while True:
                     try:  # a copy: the batch is kept whole for a retry and held(), whatever write does
-                        result: object = self.sink.write(list(batch), batch_id)
+                        result: object = self._call(self.sink.write, list(batch), batch_id)
                     except Exception as exc:
                         threading.Event().wait(self._failed(exc, batch_id))
                         continue
@@ -270,9 +280,9 @@ class Delivery(Generic[K, V]):
                     break
             close = getattr(self.sink, "close", None)
             if close is not None:
-                close()
+                self._call(close)
         except BaseException as exc:
-            self._stopped(exc)
+            self._end(exc)
         finally:
             self._done.set()
 
@@ -283,6 +293,7 @@ class Delivery(Generic[K, V]):
                 self._held = batch
                 batch_id = self._next_id()
                 while True:
+                    token = _in_sink.set(self)  # in this task's context: the await runs in it too
                     try:
                         result = self.sink.write(list(batch), batch_id)
                         if inspect.isawaitable(result):
@@ -290,29 +301,66 @@ class Delivery(Generic[K, V]):
                     except Exception as exc:
                         await asyncio.sleep(self._failed(exc, batch_id))
                         continue
+                    finally:
+                        _in_sink.reset(token)
                     self._written()
                     break
             close = getattr(self.sink, "close", None)
             if close is not None:
-                result = close()
-                if inspect.isawaitable(result):
-                    await result
+                token = _in_sink.set(self)
+                try:
+                    result = close()
+                    if inspect.isawaitable(result):
+                        await result
+                finally:
+                    _in_sink.reset(token)
         except BaseException as exc:
-            if not self._done.is_set():  # not already ended by its loop closing (done)
-                self._stopped(exc)
+            self._end(exc)
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit)):
                 raise
         finally:
             self._done.set()
 
-    def _stopped(self, exc: BaseException, *, trace: bool = True) -> None:
-        """The consumer ends early: keep the error and say what it leaves behind (SINK-4)."""
-        self.error = exc
-        logger.error(
-            "delivery into %r stopped by %s: %d record(s) taken from the output were not written "
-            "(Delivery.held() returns them); records still buffered or pending stay in the aggregator",
-            self.sink,
-            type(exc).__name__,
-            len(self._held),
-            exc_info=trace and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)),
-        )
+    def _call(self, method: Any, *args: Any) -> Any:
+        """``method(*args)`` of the sink, marked as this delivery's (see :func:`inside_sink`).
+
+        Set in the calling context, so that tasks (and ``asyncio.to_thread``)
+        that ``write`` starts are marked too; plain threads are not.
+        """
+        token = _in_sink.set(self)
+        try:
+            return method(*args)
+        finally:
+            _in_sink.reset(token)
+
+    def _end(self, exc: BaseException, *, trace: bool = True) -> None:
+        """The consumer ends early, once: keep the error and say what it leaves behind (SINK-4).
+
+        Logged before ``done`` is set, so that whoever sees it done sees the log too.
+        """
+        with self._ending:
+            if self._done.is_set():
+                return  # ended already (its loop closed, say), then its coroutine was closed
+            self.error = exc
+            logger.error(
+                "delivery into %r stopped by %s%s: %d record(s) taken from the output were not "
+                "written (Delivery.held() returns them); records still buffered or pending stay in "
+                "the aggregator",
+                self.sink,
+                type(exc).__name__,
+                f" ({exc})" if str(exc) else "",
+                len(self._held),
+                exc_info=trace and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)),
+            )
+            self._done.set()
+
+
+#: The delivery whose sink's ``write``/``close`` this context runs in (SINK-4).
+_in_sink: contextvars.ContextVar[Delivery[Any, Any] | None] = contextvars.ContextVar(
+    "aggregator_reference_in_sink", default=None
+)
+
+
+def inside_sink() -> Delivery[Any, Any] | None:
+    """The delivery whose sink is running in this context (a thread, task, or what they started)."""
+    return _in_sink.get()
