@@ -206,37 +206,56 @@ def test_importing_the_sinks_does_not_import_psycopg() -> None:
     assert out.stdout.strip() == "False"
 
 
-def _integrity_error(sink: Any) -> type[Exception]:
-    """The exception a sink's driver raises for a broken constraint."""
-    if isinstance(sink, SQLiteSink):
-        import sqlite3
-
-        return sqlite3.IntegrityError
-    import psycopg
-
-    return psycopg.errors.IntegrityError
-
-
 def test_a_none_or_nan_key_is_refused_instead_of_adding_rows(make_sink: SinkFactory) -> None:
-    """SINK-5: ``key`` is the primary key; NULL (None, and NaN, which SQLite binds as NULL) never merges."""
+    """SINK-5: ``key`` is the primary key; NULL (None, and NaN, which SQLite binds as NULL) never merges:
+    ``write`` refuses the batch before its transaction, naming the key, at every retry."""
     sink = make_sink()
     sink.write([("a", 1)], "w:1")
-    bad_keys: list[object] = [None, math.nan] if isinstance(sink, SQLiteSink) else [None]
-    for number, key in enumerate(bad_keys, 2):
+    for number, key in enumerate([None, math.nan], 2):
         for _ in range(2):  # a retry fails the same way: nothing of the batch is applied
-            with pytest.raises(_integrity_error(sink)):
+            with pytest.raises(ValueError, match=rf"key {key!r}"):
                 sink.write([("a", 1), (key, 1)], f"w:{number}")
     assert _rows(sink, f'SELECT key, value FROM "{sink.table}"') == [("a", 1)]
+    sink.write([("a", 1)], "w:2")  # the ledger never saw the refused batches
+    assert sink.read() == {"a": 2}
+    sink.close()
+    # The second line of defence: the key column the sink creates is NOT NULL.
+    if isinstance(sink, SQLiteSink):
+        columns = _rows(sink, f"SELECT name, \"notnull\" FROM pragma_table_info('{sink.table}')")
+        assert ("key", 1) in columns
+    else:
+        columns_of = "SELECT column_name, is_nullable FROM information_schema.columns WHERE table_name = %s"
+        assert ("key", "NO") in _rows(sink, columns_of.replace("%s", f"'{sink.table}'"))
+
+
+def test_sqlite_refuses_none_and_nan_keys_in_a_table_an_older_version_created(tmp_path: Path) -> None:
+    """SINK-5: a table made without ``NOT NULL`` on its key (by an older version) would take None/NaN
+    keys as separate NULL rows, silently; ``write`` refuses them itself, naming the key."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute('CREATE TABLE "t" (key PRIMARY KEY, value)')
+    connection.close()
+    sink: Any = SQLiteSink(path, table="t")
+    sink.write([("a", 1)], "w:1")
+    for number, key in enumerate([None, math.nan], 2):
+        for _ in range(2):
+            with pytest.raises(ValueError, match=rf"key {key!r}"):
+                sink.write([(key, 1)], f"w:{number}")
+    assert sink.read() == {"a": 1}
     sink.close()
 
 
 def test_a_table_name_leaves_room_for_the_ledger_and_staging_names(
     make_sink: SinkFactory, table: str
 ) -> None:
-    """SINK-5: PostgreSQL cuts names to 63 bytes, so ``<table>_incoming`` must fit: 54 at most."""
-    with pytest.raises(ValueError, match=r"table.*54.*_incoming"):
-        make_sink(table="t" * 55)
-    longest = table.ljust(54, "x")
+    """SINK-5: PostgreSQL cuts names to 63 bytes, so ``<table>_incoming`` must fit: 54 at most there;
+    SQLite has no such limit, and its sink takes the 63 characters it always took."""
+    most, why = (63, "") if isinstance(make_sink(), SQLiteSink) else (54, ".*_incoming")
+    with pytest.raises(ValueError, match=rf"table.*{most}{why}"):
+        make_sink(table="t" * (most + 1))
+    longest = table.ljust(most, "x")
     sink = make_sink(table=longest)
     sink.write([("a", 1)], "w:1")
     sink.write([("a", 1)], "w:1")  # skipped: the ledger <table>_ledger holds it
@@ -356,4 +375,63 @@ def test_sqlite_commits_are_durable_and_long_busy_timeouts_wait(tmp_path: Path) 
     assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     assert connection.execute("PRAGMA busy_timeout").fetchone() == (2**31 - 1,)  # milliseconds
+    sink.close()
+
+
+@pytest.mark.parametrize("method", ["copy", "executemany"])
+def test_a_transaction_an_attempt_left_open_is_ended_by_the_server(
+    postgres_dsn: str, table: str, method: Method
+) -> None:
+    """SINK-5, SINK-2: the sink's sessions set ``idle_in_transaction_session_timeout``, so the
+    transaction of an attempt whose client vanished (half-open) is ended by the server and its
+    ledger row lock freed: a retry succeeds after a few tries instead of failing for hours."""
+    import psycopg
+
+    from aggregator_reference.sinks import PostgresSink
+
+    sink: Any = PostgresSink(postgres_dsn, table=table, method=method, statement_timeout=1.0)
+    sink.write([("a", 1)], "w:1")
+    assert _show(sink._connection, "idle_in_transaction_session_timeout") == "1s"
+    orphan = sink._open()  # the first attempt of w:2, on a sink session, then left idle in transaction
+    orphan.execute(sink._sql.claim(), ("w", 2, 0.0))
+    orphan.execute(sink._sql.upsert(), ("a", 1))
+    failures: list[psycopg.OperationalError] = []
+    for _ in range(8):  # each try waits at most lock_timeout (1 s)
+        try:
+            sink.write([("a", 1)], "w:2")
+            break
+        except psycopg.OperationalError as exc:  # LockNotAvailable or QueryCanceled
+            failures.append(exc)
+    else:
+        pytest.fail(f"the orphaned transaction kept the ledger row locked through 8 tries: {failures[-1]}")
+    orphan.close()
+    sink.write([("a", 1)], "w:2")  # applied once: the orphan's upsert was rolled back
+    assert sink.read() == {"a": 2}
+    sink.close()
+
+
+def _show(connection: Any, name: str) -> str:
+    """The session's setting ``name``; ends the transaction SHOW began (the sink's write expects none)."""
+    value: str = connection.execute(f"SHOW {name}").fetchone()[0]
+    connection.rollback()
+    return value
+
+
+def test_timeouts_the_dsn_sets_are_kept(postgres_dsn: str, table: str) -> None:
+    """SINK-5: the sink's timeouts are defaults; a dsn's own ``options`` win."""
+    import psycopg
+
+    from aggregator_reference.sinks import PostgresSink
+
+    options = "-c statement_timeout=5000 -c idle_in_transaction_session_timeout=7000"
+    dsn = psycopg.conninfo.make_conninfo(postgres_dsn, options=options)
+    sink: Any = PostgresSink(dsn, table=table, statement_timeout=1.0)
+    sink.write([("a", 1)], "w:1")
+    names = ("statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout")
+    shown = {name: _show(sink._connection, name) for name in names}
+    assert shown == {
+        "statement_timeout": "5s",
+        "idle_in_transaction_session_timeout": "7s",
+        "lock_timeout": "1s",  # not in the dsn: the sink's
+    }
     sink.close()
