@@ -7,7 +7,16 @@ import time
 from collections.abc import Hashable
 from typing import Any, Generic, Literal, TypeVar, final
 
-from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, check_seconds, parse_batch_id, rounds
+from ._sql import (
+    LEDGER_RETENTION,
+    MAX_TABLE,
+    PRUNE_EVERY,
+    Statements,
+    check_keys,
+    check_seconds,
+    parse_batch_id,
+    rounds,
+)
 
 try:
     import psycopg
@@ -24,6 +33,8 @@ V = TypeVar("V")
 
 #: libpq's TCP keepalives, unless the dsn sets them: a dead peer is noticed in about 25 s.
 _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+#: The session's timeouts the sink sets to ``statement_timeout``, unless the connection request does.
+_TIMEOUTS = ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout")
 #: The longest connect_timeout libpq takes (seconds) and statement_timeout PostgreSQL takes (ms).
 _INT_MAX = 2**31 - 1
 
@@ -56,17 +67,20 @@ class PostgresSink(Generic[K, V]):
     differ in Python (``'a'`` and ``'a '`` in ``BPCHAR``, two floats one
     ``REAL``): a ``COPY`` round the server refuses for such keys
     (``CardinalityViolation``) is rolled back to a savepoint and upserted
-    row by row. ``None`` keys are not supported: the key is ``NOT NULL``,
-    so a batch holding one raises ``psycopg.errors.NotNullViolation`` (an
-    ``IntegrityError``) at every retry. ``table`` has at most 54 characters,
-    so that ``<table>_incoming`` fits PostgreSQL's 63.
+    row by row. ``None`` and NaN keys are not supported (as in SQLiteSink):
+    ``write`` refuses a batch holding one with a ``ValueError`` naming the
+    key, before its transaction, at every retry; the key is also
+    ``NOT NULL``. ``table`` has at most 54 characters, so that
+    ``<table>_incoming`` fits PostgreSQL's 63.
 
     No wait is unbounded: the connection uses TCP keepalives (unless ``dsn``
-    sets its own) and the session's ``lock_timeout`` and
-    ``statement_timeout`` are ``statement_timeout`` seconds (at most about
-    24.8 days), so a retry waiting on the ledger row of an attempt whose
+    sets its own) and the session's ``lock_timeout``, ``statement_timeout``
+    and ``idle_in_transaction_session_timeout`` are ``statement_timeout``
+    seconds (at most about 24.8 days) unless ``dsn`` sets them (in
+    ``options``). A retry waiting on the ledger row of an attempt whose
     connection is half-open raises (the delivery retries it) instead of
-    blocking for ever.
+    blocking for ever, and the server ends that attempt's transaction once
+    it has been idle that long, freeing the row for the next retry.
 
     The ledger is pruned as SQLiteSink's: rows untouched for
     ``ledger_retention`` seconds are deleted every ``PRUNE_EVERY`` batches.
@@ -106,7 +120,7 @@ class PostgresSink(Generic[K, V]):
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout)
         self.statement_timeout = check_seconds("statement_timeout", statement_timeout)
         self.ledger_retention = check_seconds("ledger_retention", ledger_retention, finite=True)
-        self._sql = Statements(table, merge, "%s")
+        self._sql = Statements(table, merge, "%s", MAX_TABLE)
         self._lock = threading.Lock()  # guards _connection and _written
         self._connection: psycopg.Connection[Any] | None = None
         self._written = 0
@@ -115,7 +129,8 @@ class PostgresSink(Generic[K, V]):
         return f"PostgresSink(table={self.table!r}, method={self.method!r})"
 
     def _open(self) -> psycopg.Connection[Any]:
-        """A new connection with keepalives, whose statements and lock waits end after statement_timeout."""
+        """A new connection with keepalives, whose statements, lock waits and idle transactions end
+        after statement_timeout (where the dsn does not say otherwise)."""
         given = psycopg.conninfo.conninfo_to_dict(self.dsn)
         keepalives = {name: value for name, value in _KEEPALIVES.items() if name not in given}
         seconds = max(1, min(round(self.connect_timeout), _INT_MAX))
@@ -124,9 +139,11 @@ class PostgresSink(Generic[K, V]):
         )
         try:
             milliseconds = str(max(1, min(round(self.statement_timeout * 1000), _INT_MAX)))
+            # Those the connection request (the dsn's options, PGOPTIONS) set are the client's: kept.
             connection.execute(
-                "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
-                (milliseconds, milliseconds),
+                "SELECT set_config(name, %s, false) FROM pg_settings "
+                "WHERE name = ANY(%s) AND source <> 'client'",
+                (milliseconds, list(_TIMEOUTS)),
             )
             connection.commit()
         except BaseException:
@@ -153,12 +170,14 @@ class PostgresSink(Generic[K, V]):
         """Apply ``batch`` in one transaction, unless the ledger shows ``batch_id`` applied already.
 
         Raises:
-            ValueError: ``batch_id`` is not ``"<writer>:<n>"``.
+            ValueError: ``batch_id`` is not ``"<writer>:<n>"``, or a key is
+                ``None`` or NaN; nothing of the batch was applied.
             psycopg.Error: the server refused or the connection broke; the
                 transaction was rolled back (or its outcome is unknown: a retry
                 with the same ``batch_id`` is then applied at most once).
         """
         writer, number = parse_batch_id(batch_id)
+        check_keys(batch)
         with self._lock:
             connection = self._connect()
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import threading
@@ -10,9 +11,11 @@ from dataclasses import dataclass
 
 __all__ = [
     "LEDGER_RETENTION",
+    "MAX_IDENTIFIER",
     "MAX_TABLE",
     "PRUNE_EVERY",
     "Statements",
+    "check_keys",
     "check_name",
     "check_seconds",
     "parse_batch_id",
@@ -24,23 +27,51 @@ LEDGER_RETENTION = 7 * 24 * 3600.0
 #: The ledger is pruned in the transaction of every this many batches (and of the first).
 PRUNE_EVERY = 1000
 
-#: The longest table name: PostgreSQL cuts names to 63 bytes, and ``<table>_incoming`` must fit.
-MAX_TABLE = 63 - len("_incoming")
+#: The longest table name (SQLite's sink): a plain identifier of PostgreSQL's length, 63.
+MAX_IDENTIFIER = 63
+#: The longest table name in PostgreSQL, which cuts names to 63 bytes: ``<table>_incoming`` must fit.
+MAX_TABLE = MAX_IDENTIFIER - len("_incoming")
 
-_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_TABLE - 1}}}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def check_name(what: str, name: object) -> str:
-    """``name`` if it is a plain SQL identifier (letters, digits, _); else ``TypeError``/``ValueError``."""
+def check_name(what: str, name: object, most: int = MAX_IDENTIFIER) -> str:
+    """``name`` if it is a plain SQL identifier (letters, digits, _) of at most ``most`` characters.
+
+    Raises:
+        TypeError: ``name`` is not a str.
+        ValueError: ``name`` is not such an identifier (the message says why ``most``).
+    """
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a str, got {type(name).__name__}")
-    if not _NAME.fullmatch(name):
+    if not _NAME.fullmatch(name) or len(name) > most:
+        why = (
+            f" (PostgreSQL cuts names to 63 bytes, and the sink also names '<{what}>_incoming' "
+            f"and '<{what}>_ledger')"
+            if most < MAX_IDENTIFIER
+            else ""
+        )
         raise ValueError(
             f"{what} must be a plain SQL identifier (a letter or _, then letters, digits or _) "
-            f"of at most {MAX_TABLE} characters (PostgreSQL cuts names to 63 bytes, and the sinks "
-            f"also name '<{what}>_incoming' and '<{what}>_ledger'); got {name!r}"
+            f"of at most {most} characters{why}; got {name!r}"
         )
     return name
+
+
+def check_keys(batch: Sequence[tuple[object, object]]) -> None:
+    """Raise ``ValueError`` naming the first ``None`` or NaN key of ``batch``.
+
+    Both are NULL to SQLite (NaN is bound as NULL) and ``None`` is NULL to
+    PostgreSQL: a NULL key never merges, and a table an older version made
+    without ``NOT NULL`` would keep each as a row of its own. NaN is refused
+    in PostgreSQL too, so that a batch means the same in both sinks.
+    """
+    for index, (key, _) in enumerate(batch):
+        if key is None or (isinstance(key, float) and math.isnan(key)):
+            raise ValueError(
+                f"key {key!r} (record {index} of the batch) is not supported by the SQL sinks: "
+                "a NULL key never merges; map it to a real key before adding it"
+            )
 
 
 def check_seconds(name: str, value: object, *, zero: bool = False, finite: bool = False) -> float:
@@ -98,16 +129,18 @@ class Statements:
     ``merge`` is an SQL expression of ``{stored}`` (the value in the table)
     and ``{incoming}`` (the batch's value), e.g. ``"{stored} + {incoming}"``;
     one expression, so without ``;`` (which would chain another statement).
-    The key column is ``NOT NULL``: a ``None`` key (or, in SQLite, a NaN,
-    bound as NULL) makes the batch raise ``IntegrityError``.
+    The key column is ``NOT NULL``: a second line of defence behind
+    :func:`check_keys` (a ``None`` key, or in SQLite a NaN, bound as NULL,
+    would raise ``IntegrityError``). ``max_table`` is the longest ``table``.
     """
 
     table: str
     merge: str
     placeholder: str  # "?" (sqlite3) or "%s" (psycopg)
+    max_table: int = MAX_IDENTIFIER
 
     def __post_init__(self) -> None:
-        check_name("table", self.table)
+        check_name("table", self.table, self.max_table)
         if not isinstance(self.merge, str):
             raise TypeError(f"merge must be a str SQL expression, got {type(self.merge).__name__}")
         if "{stored}" not in self.merge or "{incoming}" not in self.merge:

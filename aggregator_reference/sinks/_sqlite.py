@@ -9,7 +9,7 @@ import time
 from collections.abc import Hashable
 from typing import Any, Generic, TypeVar, final
 
-from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, check_seconds, parse_batch_id
+from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, check_keys, check_seconds, parse_batch_id
 
 __all__ = ["SQLiteSink"]
 
@@ -50,9 +50,11 @@ class SQLiteSink(Generic[K, V]):
     Keys and values must be types ``sqlite3`` binds (str, int, float, bytes,
     None); anything else makes ``write`` raise, and a delivery retries it.
     ``None`` and NaN keys are not supported: SQLite stores both as NULL,
-    which the ``NOT NULL`` key refuses (``sqlite3.IntegrityError``), so a
-    batch holding one fails at every retry instead of adding rows that never
-    merge.
+    and NULL keys never merge. ``write`` refuses a batch holding one with a
+    ``ValueError`` naming the key, before its transaction, at every retry
+    (the delivery reports it as its last error) -- in a table an older
+    version made without ``NOT NULL`` on the key too. ``table`` has at most
+    63 characters.
 
     The ledger keeps one row per delivery that ever wrote; rows no delivery
     has touched for ``ledger_retention`` seconds (7 days) are deleted, in the
@@ -116,11 +118,13 @@ class SQLiteSink(Generic[K, V]):
         """Apply ``batch`` in one transaction, unless the ledger shows ``batch_id`` applied already.
 
         Raises:
-            ValueError: ``batch_id`` is not ``"<writer>:<n>"``.
+            ValueError: ``batch_id`` is not ``"<writer>:<n>"``, or a key is
+                ``None`` or NaN; nothing of the batch was applied.
             sqlite3.Error: the database refused (locked past ``busy_timeout``,
                 disk full...); nothing of the batch was applied.
         """
         writer, number = parse_batch_id(batch_id)
+        check_keys(batch)
         with self._lock:
             connection = self._connect()
             now = time.time()
