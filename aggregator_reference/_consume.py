@@ -134,7 +134,7 @@ class Consuming(Generic[K, V]):
             if batch == float("inf"):  # empty: any arrival starts the batch's max_wait
                 await _wait(output, loop, 1, None)
             else:
-                await _wait(output, loop, max_size, batch)
+                await _wait(output, loop, min(max_size, output.maxsize), batch)  # full: due
 
     async def ashutdown(self, timeout: float | None = None) -> None:
         """``shutdown()`` for an event loop: it runs in the loop's default executor.
