@@ -67,8 +67,9 @@ def test_abatches_sees_the_output_fill_between_its_look_and_its_wait() -> None:
     output.batch_now = batch_now
 
     async def first_batch() -> list[Any]:
+        batch: list[Any]
         async for batch in agg.abatches(max_size=10, max_wait=60):
-            return batch
+            return list(batch)
         return []
 
     try:
