@@ -116,6 +116,29 @@ print("held", delivery.stats().held, flush=True)
 """
 
 
+DELIVERY_CANCELLED = """
+import asyncio, operator, sys
+import aggregator_reference as ar
+
+class Sink:
+    def write(self, batch, batch_id):
+        print("wrote", len(batch), flush=True)
+
+agg = ar.create(operator.add, backend=sys.argv[1], flush_interval=None, max_pending=1000)
+
+async def main():
+    agg.adeliver(Sink(), max_wait=60)  # waits for a full batch or a minute
+    for i in range(5):
+        agg.add(i, 1)
+    agg.flush()
+    await asyncio.sleep(0.05)
+    # No ashutdown(): asyncio.run cancels the delivery's task when main returns.
+
+asyncio.run(main())
+print("script ended", flush=True)
+"""
+
+
 def child_env() -> dict[str, str]:
     """This process's environment for a child: the same import path, no warning filters."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -184,6 +207,16 @@ def test_exit_counts_what_a_failing_delivery_held(backend_name: str) -> None:
         r"take them, 3 key\(s\) still buffered",
         child.stderr,
     ), child.stderr
+
+
+@pytest.mark.clause("LIFE-2", "SINK-4")
+def test_exit_warns_about_records_a_delivery_that_ended_early_left_behind(backend_name: str) -> None:
+    child = run_child(DELIVERY_CANCELLED, backend_name)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "script ended\n"
+    # Exit's shutdown completes (the output has room), but nobody is left to take the 5 records.
+    assert re.search(r"5 record\(s\) pending in the output", child.stderr), child.stderr
+    assert "delivery" in child.stderr.split("pending in the output")[0].rsplit("\n", 1)[-1], child.stderr
 
 
 @pytest.mark.clause("LIFE-2")
