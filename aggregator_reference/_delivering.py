@@ -180,6 +180,18 @@ class Delivering(Generic[K, V]):
                     f"{delivery.sink!r}, which it waits for; use await agg.ashutdown() there"
                 )
 
+    def _stranded_by_deliveries(self) -> str:
+        """At exit, after shutdown: what a delivery that ended early left in the output (LIFE-2)."""
+        ended = [d for d in self._deliveries if d.error is not None]
+        pending: int = self.pending  # type: ignore[attr-defined]
+        if not ended or not pending:
+            return ""
+        return (
+            f"its delivery into {ended[-1].sink!r} ended early ({type(ended[-1].error).__name__}), "
+            f"so the {pending} record(s) pending in the output were not delivered and are lost at "
+            "exit; await ashutdown() before the event loop ends, or drain() them"
+        )
+
     def _room_wait(self) -> tuple[Waiting, str]:
         """What ``shutdown()`` waits for while the output is full, and its ``TimeoutError``'s advice.
 

@@ -351,6 +351,9 @@ class _Ending:
         aggregator = self.aggregator
         self.given_up.set()
         if aggregator.closed:
+            stranded = aggregator._stranded_by_deliveries()  # shut down, but nobody takes them
+            if stranded:
+                logger.warning("%s: %s", type(aggregator).__name__, stranded)
             return
         aggregator._output.close()  # consumers' records() loops end once it is empty
         name = type(aggregator).__name__
