@@ -197,10 +197,14 @@ class Statements:
         )
 
     def upsert_from(self, staging: str) -> str:
-        """Upsert every row of the table ``staging`` (no key twice) at once."""
+        """Upsert every row of the table ``staging`` (no key twice) at once, in key order.
+
+        ``ORDER BY key``: every transaction locks the table's rows in one order
+        (after its own ledger row), so batches of several processes never deadlock.
+        """
         stored = f'"{self.table}".value'
         merged = self.merge.replace("{stored}", stored).replace("{incoming}", "excluded.value")
         return (
-            f'INSERT INTO "{self.table}" (key, value) SELECT key, value FROM "{staging}" '
+            f'INSERT INTO "{self.table}" (key, value) SELECT key, value FROM "{staging}" ORDER BY key '
             f"ON CONFLICT (key) DO UPDATE SET value = {merged}"
         )
