@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 __all__ = ["check_arguments", "check_bounds", "check_seconds"]
@@ -44,12 +45,16 @@ def check_bounds(max_buffered: object, max_block: object, flush_at: object) -> N
     check_seconds("max_block", max_block)
 
 
-def check_seconds(name: str, value: object) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``value`` is a wait in seconds ``Lock.acquire`` takes."""
+def check_seconds(name: str, value: object, *, positive: bool = False, finite: bool = False) -> float:
+    """``value`` as a float if it is a wait in seconds that ``Lock.acquire`` takes; else an error naming it.
+
+    ``positive``: 0 is refused too. ``finite``: any finite number of seconds
+    (a span of time, not a wait), not only up to ``threading.TIMEOUT_MAX``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not (0 <= value <= threading.TIMEOUT_MAX):
-        raise ValueError(
-            f"{name} must be >= 0 seconds and at most threading.TIMEOUT_MAX "
-            f"({threading.TIMEOUT_MAX:g}), got {value!r}"
-        )
+    most = sys.float_info.max if finite else threading.TIMEOUT_MAX
+    if not ((value > 0 if positive else value >= 0) and value <= most):
+        bound = "finite" if finite else f"at most threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g})"
+        raise ValueError(f"{name} must be {'>' if positive else '>='} 0 seconds and {bound}, got {value!r}")
+    return float(value)

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final, runtime_checkable
 
+from ._arguments import check_seconds
+
 if TYPE_CHECKING:
     from ._engine import BufferedAggregator
 
@@ -80,12 +82,7 @@ class Retry:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"Retry.{name} must be a number, got {type(value).__name__}")
         for name in ("first", "maximum"):  # a wait a thread can wait: Event.wait() takes it
-            value = getattr(self, name)
-            if not 0 < value <= threading.TIMEOUT_MAX:
-                raise ValueError(
-                    f"Retry.{name} must be > 0 seconds and at most threading.TIMEOUT_MAX "
-                    f"({threading.TIMEOUT_MAX:g}), got {value!r}"
-                )
+            check_seconds(f"Retry.{name}", getattr(self, name), positive=True)
         if self.maximum < self.first:
             raise ValueError(f"Retry.maximum must be >= first ({self.first!r}), got {self.maximum!r}")
         if not 1 <= self.factor < math.inf:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import re
-import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .. import _arguments
 
 __all__ = [
     "LEDGER_RETENTION",
@@ -77,19 +77,14 @@ def check_keys(batch: Sequence[tuple[object, object]]) -> None:
 def check_seconds(name: str, value: object, *, zero: bool = False, finite: bool = False) -> float:
     """``value`` as a float if it is a number of seconds > 0 (>= 0 if ``zero``); else an error naming it.
 
-    At most ``threading.TIMEOUT_MAX`` (a wait); with ``finite``, any finite number (a span of time).
+    At most ``threading.TIMEOUT_MAX`` (a wait); with ``finite``, any finite
+    number (a span of time). The engine's own check, with the sinks' defaults.
 
     Raises:
         TypeError: ``value`` is not an int or float (a bool is not).
         ValueError: ``value`` is out of range (or NaN).
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    most = sys.float_info.max if finite else threading.TIMEOUT_MAX
-    if not ((value >= 0 if zero else value > 0) and value <= most):
-        bound = "finite" if finite else f"at most threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g})"
-        raise ValueError(f"{name} must be {'>=' if zero else '>'} 0 seconds and {bound}, got {value!r}")
-    return float(value)
+    return _arguments.check_seconds(name, value, positive=not zero, finite=finite)
 
 
 def parse_batch_id(batch_id: object) -> tuple[str, int]:
