@@ -173,6 +173,27 @@ def test_a_consumer_in_a_thread_pool_ends_at_exit() -> None:
     assert child.stdout == "consumed 20\n"
 
 
+CREATED_IN_AN_ATEXIT_HANDLER = """
+import atexit, operator
+import aggregator_reference as ar
+
+def at_end():  # the process's first aggregator, made while the interpreter shuts down
+    agg = ar.create(operator.add, backend="reference", flush_interval=None)
+    agg.add("k", 1)
+    agg.shutdown()
+    print("created", agg.drain(), flush=True)
+
+atexit.register(at_end)
+"""
+
+
+def test_the_first_aggregator_may_be_created_in_an_atexit_handler() -> None:
+    # LIFE-2's hook cannot be registered that late; creating an aggregator must still work.
+    child = run_child(CREATED_IN_AN_ATEXIT_HANDLER)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "created [('k', 1)]\n"
+
+
 STALLED_FOREVER = """
 import operator, signal
 import aggregator_reference as ar
