@@ -252,7 +252,7 @@ def _hook() -> None:
     # A consumer running in a ThreadPoolExecutor ends at exit only if ours runs first.
     try:
         import concurrent.futures.thread  # noqa: F401
-    except ImportError:  # a trimmed interpreter: no pool to come first
+    except (ImportError, RuntimeError):  # a trimmed interpreter, or too late for its own hook
         pass
     register_hook = getattr(threading, "_register_atexit", None)
     try:
