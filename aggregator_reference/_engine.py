@@ -354,7 +354,9 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Delivering[K, V], Gener
             closer = self._closer
             if closer is None:
                 closer = self._closer = _exit.Closer(self._storage, type(self).__name__)
-        if not wait.until(closer.done.wait, _exit.MERGE):
+        # A first look of up to _exit.CLOSER_GRACE, whatever the timeout: with no add in flight
+        # the helper returns in microseconds, and timeout=0 must not depend on when it runs.
+        if not closer.done.wait(_exit.CLOSER_GRACE) and not wait.until(closer.done.wait, _exit.MERGE):
             raise TimeoutError(
                 "shutdown() timed out waiting for add() calls in flight (a merge still running); "
                 "nothing was lost, call shutdown() again"

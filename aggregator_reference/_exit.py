@@ -95,6 +95,9 @@ class Waiting(NamedTuple):
     countable: bool
 
 
+#: Seconds shutdown() waits for its closer thread before it applies its timeout (CLOSE-4).
+CLOSER_GRACE = 0.05
+
 ROOM = Waiting(
     "a consumer to make room in the output",
     "drain the output with records() or drain() in another thread, or pass timeout=... "
