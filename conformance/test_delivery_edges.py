@@ -362,3 +362,27 @@ def test_a_process_forked_inside_the_sinks_write_can_shut_down_its_copy(make: Fa
     _, status = os.waitpid(children[0], 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child's shutdown() of its copy raised"
     assert sink.totals == {"k": 1}
+
+
+@pytest.mark.clause("SINK-1")
+def test_an_adeliver_task_that_cannot_be_created_leaves_nothing_registered(make: Factory) -> None:
+    agg = make()
+    sink = ClosingLedger()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def refuse(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> Any:
+            coro.close()
+            raise RuntimeError("no more tasks")
+
+        loop.set_task_factory(refuse)
+        with pytest.raises(RuntimeError, match="no more tasks"):
+            agg.adeliver(ClosingLedger())
+        loop.set_task_factory(None)
+        agg.adeliver(sink, max_wait=0, retry=FAST)  # not "still running"
+        agg.add("k", 1)
+        await agg.ashutdown(timeout=LIMIT)
+
+    call_bounded(lambda: asyncio.run(main()), LIMIT + 2, "the event loop")
+    assert sink.totals == {"k": 1}
