@@ -92,10 +92,7 @@ class Delivering(Generic[K, V]):
         try:
             delivery.thread.start()
         except BaseException as exc:  # "can't start new thread": it never ran, so it must not count
-            delivery.error = exc
-            delivery._done.set()  # a shutdown already waiting for it stops waiting
-            with _deliveries_lock:
-                self._deliveries = tuple(d for d in self._deliveries if d is not delivery)
+            self._unregister(delivery, exc)
             raise
         return delivery
 
@@ -121,8 +118,19 @@ class Delivering(Generic[K, V]):
         """
         loop = asyncio.get_running_loop()
         delivery = self._start_delivery(sink, batch_size, max_wait, retry)
-        delivery.task = loop.create_task(delivery.arun(), name=f"delivery-{delivery.writer[:8]}")
+        try:
+            delivery.task = loop.create_task(delivery.arun(), name=f"delivery-{delivery.writer[:8]}")
+        except BaseException as exc:  # a task factory refused it: it never ran, so it must not count
+            self._unregister(delivery, exc)
+            raise
         return delivery
+
+    def _unregister(self, delivery: Delivery[K, V], error: BaseException) -> None:
+        """Forget a delivery that never started; a shutdown already waiting for it stops waiting."""
+        delivery.error = error
+        delivery._done.set()
+        with _deliveries_lock:
+            self._deliveries = tuple(d for d in self._deliveries if d is not delivery)
 
     def _start_delivery(self, sink: Any, batch_size: int, max_wait: float, retry: Retry) -> Delivery[K, V]:
         check_delivery_arguments(sink, batch_size, max_wait, retry)
