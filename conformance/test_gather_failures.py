@@ -246,3 +246,32 @@ def test_an_add_whose_key_hash_raises_after_a_read_loses_nothing(
             break  # the add hashed the key fewer times: every call has failed once
     else:
         pytest.fail(f"the key's hash still raised on call {MOST_CALLS - 1} of one add")
+
+
+@pytest.mark.clause("ADD-4", "STAT-1")
+@pytest.mark.parametrize("error", [ValueError, Interrupt])
+def test_an_add_whose_key_hash_raises_at_any_call_changes_no_counter(
+    make: Factory, error: type[BaseException]
+) -> None:
+    # The hash may fail at its first call (looking the key up) or a later one (storing it): either
+    # way the add raised, so nothing is stored and no counter moves (ADD-4, STAT-1).
+    for call in range(1, 6):
+        agg = make()
+        agg.add("other", 1)
+        key = CountdownKey("k")
+        key.arm(call, error=error)
+        try:
+            stored = agg.add(key, 1)
+        except error:
+            stored = None
+        raised = key.disarm()
+        stats = agg.stats()
+        if raised:
+            assert stored is None
+            assert (stats.adds, stats.merges, stats.stored) == (1, 0, 1), (call, stats)
+            assert len(agg) == 1, call
+            assert shutdown_collecting(agg) == {"other": 1}
+        else:  # the add made fewer hash calls than ``call``: it stored the key
+            assert stored is False
+            assert (stats.adds, stats.stored) == (2, 2), (call, stats)
+            assert shutdown_collecting(agg) == {"other": 1, key: 1}
