@@ -11,6 +11,7 @@ from ._sql import (
     LEDGER_RETENTION,
     MAX_TABLE,
     PRUNE_EVERY,
+    ConnectedSink,
     Statements,
     check_keys,
     check_seconds,
@@ -40,7 +41,7 @@ _INT_MAX = 2**31 - 1
 
 
 @final
-class PostgresSink(Generic[K, V]):
+class PostgresSink(ConnectedSink, Generic[K, V]):
     """Upsert batches into a PostgreSQL table, each batch exactly once (SINK-5).
 
     As :class:`~aggregator_reference.sinks.SQLiteSink`: one transaction per
@@ -227,19 +228,6 @@ class PostgresSink(Generic[K, V]):
             except psycopg.errors.CardinalityViolation:
                 # Keys distinct in Python, equal for key_type ('a', 'a ' in BPCHAR): one at a time.
                 cursor.executemany(self._sql.upsert(), part)
-
-    def before_commit(self, batch_id: str) -> None:
-        """Called inside each batch's transaction, just before it commits; does nothing.
-
-        A hook for tests and tracing: raising here rolls the batch back.
-        """
-
-    def close(self) -> None:
-        """Close the connection (a later ``write`` opens a new one). Idempotent."""
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
 
     def read(self) -> dict[Any, Any]:
         """Every ``key: value`` in the table now, in a connection of its own (for checks and demos)."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .. import _arguments
 
@@ -14,6 +16,7 @@ __all__ = [
     "MAX_IDENTIFIER",
     "MAX_TABLE",
     "PRUNE_EVERY",
+    "ConnectedSink",
     "Statements",
     "check_keys",
     "check_name",
@@ -203,3 +206,23 @@ class Statements:
             f'INSERT INTO "{self.table}" (key, value) SELECT key, value FROM "{staging}" ORDER BY key '
             f"ON CONFLICT (key) DO UPDATE SET value = {merged}"
         )
+
+
+class ConnectedSink:
+    """What both SQL sinks share: one connection behind ``_lock``, ``before_commit()``, ``close()``."""
+
+    _lock: threading.Lock  # guards _connection
+    _connection: Any
+
+    def before_commit(self, batch_id: str) -> None:
+        """Called inside each batch's transaction, just before it commits; does nothing.
+
+        A hook for tests and tracing: raising here rolls the batch back.
+        """
+
+    def close(self) -> None:
+        """Close the connection (a later ``write`` opens a new one). Idempotent."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None

@@ -9,7 +9,15 @@ import time
 from collections.abc import Hashable
 from typing import Any, Generic, TypeVar, final
 
-from ._sql import LEDGER_RETENTION, PRUNE_EVERY, Statements, check_keys, check_seconds, parse_batch_id
+from ._sql import (
+    LEDGER_RETENTION,
+    PRUNE_EVERY,
+    ConnectedSink,
+    Statements,
+    check_keys,
+    check_seconds,
+    parse_batch_id,
+)
 
 __all__ = ["SQLiteSink"]
 
@@ -21,7 +29,7 @@ _BUSY_TIMEOUT_MAX = (2**31 - 1) / 1000
 
 
 @final
-class SQLiteSink(Generic[K, V]):
+class SQLiteSink(ConnectedSink, Generic[K, V]):
     """Upsert batches into a SQLite table, each batch exactly once (SINK-5).
 
     Each batch is one transaction: it first records its ``batch_id`` in the
@@ -143,19 +151,6 @@ class SQLiteSink(Generic[K, V]):
                     connection.execute("ROLLBACK")
                 raise
             self._written += 1
-
-    def before_commit(self, batch_id: str) -> None:
-        """Called inside each batch's transaction, just before ``COMMIT``; does nothing.
-
-        A hook for tests and tracing: raising here rolls the batch back.
-        """
-
-    def close(self) -> None:
-        """Close the connection (a later ``write`` opens a new one). Idempotent."""
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
 
     def read(self) -> dict[Any, Any]:
         """Every ``key: value`` in the table now (for checks and demos); waits for a write in progress."""
