@@ -133,8 +133,8 @@ def holding_locks_of(owner: object) -> bool:
     return False
 
 
-#: With the GIL, for how many seconds :func:`finish_acquire` yields before it blocks.
-SPIN_SECONDS = 0.001
+#: With the GIL, how many times :func:`finish_acquire` yields it and looks again before it blocks.
+SPIN_TRIES = 100
 
 
 def finish_acquire(lock: Any, call: str = "this call") -> None:
@@ -142,12 +142,18 @@ def finish_acquire(lock: Any, call: str = "this call") -> None:
 
     With the GIL, a thread that sleeps in the kernel on a contended lock turns
     every release into a wake-up, and the threads queue up behind the GIL (a
-    lock convoy: 8 threads ran at 1/13 of one thread's speed); so, with the
-    GIL, yield it for the first :data:`SPIN_SECONDS` (a millisecond: a lock
-    held for an add's own merge is free again by then). A lock held
-    longer is held by a slow merge: then, as without the GIL, block, looking
-    every 20 ms whether the wait could ever end, so that a long wait (such as
-    ``shutdown()`` waiting for an add in flight, CLOSE-6) costs no CPU.
+    lock convoy: 8 threads ran at 1/13 of one thread's speed; a thousand, on
+    one lock, at 1/40); so, with the GIL, yield it and look again up to
+    :data:`SPIN_TRIES` times. Counted in tries, not seconds, the spin lasts as
+    long as the other runnable threads take to pass the GIL round: a
+    millisecond's spin ended before a thousand writers had each run once,
+    so they all blocked and the convoy formed (the stress test took a minute
+    instead of two seconds, one run in six). A lock still taken after that is
+    held by a slow merge: then, as without the GIL, block until its release,
+    so that a long wait (such as ``shutdown()`` waiting for an add in flight,
+    CLOSE-6) costs no CPU. Never wake up periodically to look again: a
+    thousand writers doing that every 20 ms kept the GIL from the lock's
+    holder for minutes.
 
     A call from inside ``merge`` (a frame marked with :func:`holds_locks`
     further up this stack holds a lock) waits at most :data:`CALLBACK_WAIT`
@@ -161,32 +167,22 @@ def finish_acquire(lock: Any, call: str = "this call") -> None:
             ``merge``, or key method, that the storage is running), or holds
             another lock and ``lock`` stayed taken for :data:`CALLBACK_WAIT` s.
     """
-    above = sys._getframe(1).f_back  # the frame that failed to acquire is not holding yet
-    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    spin_until = time.monotonic() + SPIN_SECONDS if gil else 0.0
-    checked = False
-    give_up: float | None = None  # set when this thread holds other locks up its stack
-    while True:
-        spinning = gil and time.monotonic() < spin_until
-        if spinning:
+    held = _locks_held(sys._getframe(1).f_back)  # the frame that failed to acquire holds nothing yet
+    if any(lock is h for h in held):
+        refuse_reentrant(call)
+    if getattr(sys, "_is_gil_enabled", lambda: True)():
+        for _ in range(SPIN_TRIES):
+            time.sleep(0)
             if lock.acquire(False):
                 return
-        elif lock.acquire(timeout=0.02):
-            return
-        if not checked:  # once, lazily: the stack above does not change while waiting
-            checked = True
-            held = _locks_held(above)
-            if any(lock is h for h in held):
-                refuse_reentrant(call)
-            if held:
-                give_up = time.monotonic() + CALLBACK_WAIT
-        elif give_up is not None and time.monotonic() > give_up:
-            raise ReentrantMergeError(
-                f"{call} called from inside merge waited {CALLBACK_WAIT} s for a lock that another "
-                "thread holds while this merge holds one; refused rather than risk a deadlock"
-            )
-        if spinning:
-            time.sleep(0)
+    if not held:
+        lock.acquire()  # only the holder's release can end this wait: sleep until it comes
+        return
+    if not lock.acquire(timeout=CALLBACK_WAIT):
+        raise ReentrantMergeError(
+            f"{call} called from inside merge waited {CALLBACK_WAIT} s for a lock that another "
+            "thread holds while this merge holds one; refused rather than risk a deadlock"
+        )
 
 
 def acquire_all(locks: Sequence[Any], call: str = "this call") -> None:
