@@ -171,9 +171,15 @@ def test_batches_end_after_shutdown_once_drained(make: Factory) -> None:
 @pytest.mark.clause("OUT-6", "OUT-2")
 def test_arecords_waits_without_blocking_the_loop(make: Factory) -> None:
     agg = make(max_pending=1000)
+    five_ticks = threading.Event()
+    ticked: list[bool] = []
 
-    async def main() -> tuple[list[Any], int]:
-        ticks = 0
+    def feed() -> None:  # from a thread, so that a blocked loop still gets its records, and ends
+        ticked.append(five_ticks.wait(10))
+        fill(agg, range(5))
+        agg.shutdown()
+
+    async def main() -> list[Any]:
         got: list[Any] = []
 
         async def consume() -> None:
@@ -181,23 +187,21 @@ def test_arecords_waits_without_blocking_the_loop(make: Factory) -> None:
                 got.append(record)
 
         async def tick() -> None:
-            nonlocal ticks
-            while True:
+            for _ in range(5):
                 await asyncio.sleep(0.01)
-                ticks += 1
+            five_ticks.set()
 
-        consumer = asyncio.create_task(consume())
+        consumer = asyncio.create_task(consume())  # runs first: it waits on an empty output
         ticker = asyncio.create_task(tick())
-        await asyncio.sleep(0.2)  # the consumer waits on an empty output; the loop keeps ticking
-        await asyncio.to_thread(fill, agg, range(5))
-        await asyncio.to_thread(agg.shutdown)
-        await asyncio.wait_for(consumer, 10)
-        ticker.cancel()
-        return got, ticks
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        await asyncio.wait_for(consumer, 30)
+        await ticker
+        return got
 
-    got, ticks = run_loop(main)
+    got = run_loop(main, 60)
+    assert ticked == [True], "the loop was blocked while arecords() waited: it did not tick"
     assert sorted(got) == [(key, 1) for key in range(5)]
-    assert ticks >= 5, "the loop was blocked while arecords() waited"
 
 
 @pytest.mark.clause("OUT-6")
