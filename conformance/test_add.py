@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import gc
 import operator
 import threading
@@ -475,3 +476,43 @@ def test_the_only_writer_after_a_read_from_another_merge_gave_up_says_what_it_di
     stats = agg.stats()
     assert (stats.merges, stats.stored) == (2, 2), stats
     assert shutdown_collecting(agg, operator.add) == {"k": "aslowc", "new": "n"}
+
+
+@pytest.mark.clause("THREAD-2", "CLOSE-5")
+def test_an_add_interrupted_while_it_waits_raises_at_once_and_holds_nothing(make: Factory) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("_thread.interrupt_main() interrupts only the main thread, and this test runs in another")
+    in_merge, release = threading.Event(), threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            in_merge.set()
+            release.wait(3)  # the add in flight that the main thread's add may have to wait for
+        return stored + incoming
+
+    agg = make(merge)
+    writer = threading.Thread(target=lambda: [agg.add("k", value) for value in (1, 2)])
+    writer.start()
+    assert in_merge.wait(10)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    returned, waited = False, 0.0
+    started = time.monotonic()
+    try:
+        timer.start()
+        try:
+            agg.add("k", 10)  # waits behind the merge on a backend with one record per key
+            returned = True
+        except KeyboardInterrupt:
+            waited = time.monotonic() - started
+        while returned and time.monotonic() - started < 10:  # a backend that did not wait: it comes here
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        timer.cancel()
+        release.set()
+        writer.join(10)
+    assert waited < 2, f"the interrupt was raised after {waited:.1f} s, once the merge in flight ended"
+    # Nothing held for the interrupted add: shutdown() ends, and every add is there once.
+    delivered = call_bounded(lambda: shutdown_collecting(agg), 30, "shutdown() after an interrupted add")
+    assert delivered == {"k": 13 if returned else 3}
