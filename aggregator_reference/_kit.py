@@ -7,6 +7,7 @@ held. :func:`finish_acquire` is how a storage waits for a contended lock.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -135,6 +136,8 @@ def holding_locks_of(owner: object) -> bool:
 
 #: With the GIL, how many times :func:`finish_acquire` yields it and looks again before it blocks.
 SPIN_TRIES = 100
+#: Seconds between the main thread's looks for a ``KeyboardInterrupt`` while it waits for a lock.
+INTERRUPT_SLICE = 0.05
 
 
 def finish_acquire(lock: Any, call: str = "this call") -> None:
@@ -175,14 +178,32 @@ def finish_acquire(lock: Any, call: str = "this call") -> None:
             time.sleep(0)
             if lock.acquire(False):
                 return
-    if not held:
-        lock.acquire()  # only the holder's release can end this wait: sleep until it comes
-        return
-    if not lock.acquire(timeout=CALLBACK_WAIT):
+    if not _block(lock, CALLBACK_WAIT if held else None):
         raise ReentrantMergeError(
             f"{call} called from inside merge waited {CALLBACK_WAIT} s for a lock that another "
             "thread holds while this merge holds one; refused rather than risk a deadlock"
         )
+
+
+def _block(lock: Any, seconds: float | None) -> bool:
+    """Wait until ``lock`` is taken (True) or ``seconds`` have passed (False), asleep in the kernel.
+
+    Only the holder's release can end the wait, so other threads never wake up
+    to look again. The main thread does, every :data:`INTERRUPT_SLICE`: a
+    ``KeyboardInterrupt`` from ``_thread.interrupt_main()`` (or a signal that
+    another thread received) does not wake a thread asleep in ``acquire()``,
+    and raised only once the lock is taken, it would leave the lock held for
+    good (THREAD-2); raised after a slice that did not take it, it holds nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return bool(lock.acquire(timeout=-1 if seconds is None else seconds))
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while True:
+        wait = INTERRUPT_SLICE if deadline is None else min(INTERRUPT_SLICE, deadline - time.monotonic())
+        if lock.acquire(timeout=max(wait, 0.0)):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 def acquire_all(locks: Sequence[Any], call: str = "this call") -> None:
