@@ -516,3 +516,56 @@ def test_an_add_interrupted_while_it_waits_raises_at_once_and_holds_nothing(make
     # Nothing held for the interrupted add: shutdown() ends, and every add is there once.
     delivered = call_bounded(lambda: shutdown_collecting(agg), 30, "shutdown() after an interrupted add")
     assert delivered == {"k": 13 if returned else 3}
+
+
+class SlowHashKey:
+    """A key whose ``__hash__`` waits for ``release`` once ``armed``: user code a flush runs."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def __hash__(self) -> int:
+        if self.armed:
+            self.inside.set()
+            self.release.wait(3)
+        return 7
+
+
+@pytest.mark.clause("THREAD-2", "FLUSH-4", "CLOSE-5")
+def test_a_flush_interrupted_while_it_waits_for_a_running_flush_raises_at_once_and_holds_nothing(
+    make: Factory,
+) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("_thread.interrupt_main() interrupts only the main thread, and this test runs in another")
+    agg = make(max_pending=1)
+    key = SlowHashKey()
+    agg.add("first", 1)
+    agg.add(key, 1)
+    key.armed = True  # the flush below sends "first" out and puts key back: it hashes key there
+    running = threading.Thread(target=agg.flush)
+    running.start()
+    assert key.inside.wait(10), "the flush did not re-queue the key"
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    waited = None
+    started = time.monotonic()
+    try:
+        timer.start()
+        try:
+            agg.flush()  # waits for the running flush (FLUSH-4)
+        except KeyboardInterrupt:
+            waited = time.monotonic() - started
+        while waited is None and time.monotonic() - started < 10:  # it did not wait: it comes here
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        timer.cancel()
+        key.release.set()
+        running.join(10)
+    key.armed = False
+    assert waited is None or waited < 2, (
+        f"the interrupt was raised after {waited:.1f} s, once the flush ended"
+    )
+    delivered = call_bounded(lambda: shutdown_collecting(agg), 30, "shutdown() after an interrupted flush")
+    assert delivered == {"first": 1, key: 1}
