@@ -114,7 +114,7 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Delivering[K, V], Gener
         lock = self._flush_lock
         # From inside another aggregator's merge, the running flush may be waiting for that
         # merge: wait only so long (REENTRY-1).
-        if not lock.acquire(False) and not lock.acquire(timeout=kit.callback_timeout()):
+        if not lock.acquire(False) and not kit.acquire_interruptibly(lock, kit.callback_timeout()):
             raise ReentrantMergeError(
                 f"flush() called from inside merge waited {kit.CALLBACK_WAIT} s for a running flush "
                 "that may be waiting for this merge; refused rather than risk a deadlock"
@@ -323,7 +323,7 @@ class BufferedAggregator(Writing[K, V], Consuming[K, V], Delivering[K, V], Gener
         ):
             raise TimeoutError("shutdown() timed out waiting for a running flush")
         while True:
-            if not wait.until(lambda seconds: self._flush_lock.acquire(timeout=seconds), _exit.FLUSH):
+            if not wait.until(lambda s: kit.acquire_interruptibly(self._flush_lock, s), _exit.FLUSH):
                 raise TimeoutError("shutdown() timed out waiting for a running flush")
             try:
                 _, requeued = self._flush_locked()

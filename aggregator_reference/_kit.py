@@ -20,6 +20,7 @@ __all__ = [
     "CALLBACK_WAIT",
     "Unsettled",
     "acquire_all",
+    "acquire_interruptibly",
     "call_holding",
     "callback_timeout",
     "count_visible",
@@ -178,26 +179,27 @@ def finish_acquire(lock: Any, call: str = "this call") -> None:
             time.sleep(0)
             if lock.acquire(False):
                 return
-    if not _block(lock, CALLBACK_WAIT if held else None):
+    if not acquire_interruptibly(lock, CALLBACK_WAIT if held else -1):
         raise ReentrantMergeError(
             f"{call} called from inside merge waited {CALLBACK_WAIT} s for a lock that another "
             "thread holds while this merge holds one; refused rather than risk a deadlock"
         )
 
 
-def _block(lock: Any, seconds: float | None) -> bool:
-    """Wait until ``lock`` is taken (True) or ``seconds`` have passed (False), asleep in the kernel.
+def acquire_interruptibly(lock: Any, timeout: float = -1) -> bool:
+    """``lock.acquire(timeout=timeout)``, asleep in the kernel, but interruptible in the main thread.
 
-    Only the holder's release can end the wait, so other threads never wake up
-    to look again. The main thread does, every :data:`INTERRUPT_SLICE`: a
+    Only the holder's release ends the wait, so other threads never wake up to
+    look again. The main thread does, every :data:`INTERRUPT_SLICE`: a
     ``KeyboardInterrupt`` from ``_thread.interrupt_main()`` (or a signal that
     another thread received) does not wake a thread asleep in ``acquire()``,
-    and raised only once the lock is taken, it would leave the lock held for
-    good (THREAD-2); raised after a slice that did not take it, it holds nothing.
+    and raised only once the lock is taken, before the caller's ``try``, it
+    would leave the lock held for good (THREAD-2); raised after a slice that
+    did not take the lock, it holds nothing.
     """
     if threading.current_thread() is not threading.main_thread():
-        return bool(lock.acquire(timeout=-1 if seconds is None else seconds))
-    deadline = None if seconds is None else time.monotonic() + seconds
+        return bool(lock.acquire(timeout=timeout))
+    deadline = None if timeout < 0 else time.monotonic() + timeout
     while True:
         wait = INTERRUPT_SLICE if deadline is None else min(INTERRUPT_SLICE, deadline - time.monotonic())
         if lock.acquire(timeout=max(wait, 0.0)):

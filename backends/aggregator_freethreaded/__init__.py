@@ -118,7 +118,7 @@ class FreeThreadedStorage(Gatherer[K, V]):
         wait = kit.callback_timeout()
         deadline = None if wait < 0 else time.monotonic() + wait
         shared = self._shared
-        if not shared.acquire(False) and not shared.acquire(timeout=wait):
+        if not shared.acquire(False) and not kit.acquire_interruptibly(shared, wait):
             refuse_wait(call)
         outer, self._deadline = self._deadline, deadline if self._deadline is None else self._deadline
         try:

@@ -210,7 +210,7 @@ def take(
             if not block:
                 return None
             wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-            if not buffer.lock.acquire(timeout=wait):
+            if not kit.acquire_interruptibly(buffer.lock, wait):
                 refuse_wait("a read or flush")
         try:
             taken, buffer.state = buffer.state, ({}, [])
