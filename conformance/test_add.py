@@ -569,3 +569,47 @@ def test_a_flush_interrupted_while_it_waits_for_a_running_flush_raises_at_once_a
     )
     delivered = call_bounded(lambda: shutdown_collecting(agg), 30, "shutdown() after an interrupted flush")
     assert delivered == {"first": 1, key: 1}
+
+
+@pytest.mark.clause("THREAD-2", "CLOSE-5", "READ-1")
+@pytest.mark.parametrize("read", ["get", "snapshot", "len"])
+def test_a_read_interrupted_while_it_waits_for_an_add_in_flight_loses_nothing(
+    make: Factory, read: str
+) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("_thread.interrupt_main() interrupts only the main thread, and this test runs in another")
+    in_merge, release = threading.Event(), threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            in_merge.set()
+            release.wait(3)
+        return stored + incoming
+
+    agg = make(merge)
+    calls = {"get": lambda: agg.get("k"), "snapshot": agg.snapshot, "len": lambda: len(agg)}
+    writer = threading.Thread(target=lambda: [agg.add("k", value) for value in (1, 2)])
+    writer.start()
+    assert in_merge.wait(10)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    waited = None
+    started = time.monotonic()
+    try:
+        timer.start()
+        try:
+            calls[read]()  # may wait for the merge in flight (or take what it can and return)
+        except KeyboardInterrupt:
+            waited = time.monotonic() - started
+        while waited is None and time.monotonic() - started < 10:  # it did not wait: it comes here
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        timer.cancel()
+        release.set()
+        writer.join(10)
+    assert waited is None or waited < 2, (
+        f"the interrupt was raised after {waited:.1f} s, once the merge ended"
+    )
+    delivered = call_bounded(lambda: shutdown_collecting(agg), 30, f"shutdown() after an interrupted {read}")
+    assert delivered == {"k": 3}
