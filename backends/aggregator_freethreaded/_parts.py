@@ -220,7 +220,12 @@ def take(
         if buffer.busy and not block:
             return None
         taken, buffer.state = buffer.state, ({}, [])
-        if not wait_until_idle(buffer, deadline):
+        try:
+            idle = wait_until_idle(buffer, deadline)
+        except BaseException:  # an interrupt while it waited (THREAD-2): keep ``taken`` as below
+            buffer.stranded.append(taken)
+            raise
+        if not idle:
             # The add in flight may still write into ``taken``, and a later add may have
             # begun on the new state: keep both, ``taken`` for a gather that sees it idle.
             buffer.stranded.append(taken)
