@@ -194,15 +194,23 @@ def acquire_interruptibly(lock: Any, timeout: float = -1) -> bool:
     ``KeyboardInterrupt`` from ``_thread.interrupt_main()`` (or a signal that
     another thread received) does not wake a thread asleep in ``acquire()``,
     and raised only once the lock is taken, before the caller's ``try``, it
-    would leave the lock held for good (THREAD-2); raised after a slice that
-    did not take the lock, it holds nothing.
+    would leave the lock held for good (THREAD-2); raised after a slice, it
+    releases what that slice took.
     """
     if threading.current_thread() is not threading.main_thread():
         return bool(lock.acquire(timeout=timeout))
     deadline = None if timeout < 0 else time.monotonic() + timeout
     while True:
         wait = INTERRUPT_SLICE if deadline is None else min(INTERRUPT_SLICE, deadline - time.monotonic())
-        if lock.acquire(timeout=max(wait, 0.0)):
+        got: list[bool] = []
+        try:
+            # The interrupt is raised as the call returns: C code keeps its outcome first.
+            got.extend(map(lock.acquire, (True,), (max(wait, 0.0),)))
+        except BaseException:
+            if got and got[0]:
+                lock.release()  # taken in the slice that the interrupt ended
+            raise
+        if got[0]:
             return True
         if deadline is not None and time.monotonic() >= deadline:
             return False

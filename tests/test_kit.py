@@ -8,6 +8,7 @@ Each waiter here runs in a thread of its own: the main thread waits in slices
 
 from __future__ import annotations
 
+import _thread
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ class CountingLock:
             self.tries += 1
             if self.tries == self._enough:
                 self.tried_enough.set()
+                self._lock.release()  # here, so that no other thread has to wake up in time
         return self._lock.acquire(blocking, timeout)
 
     def release(self) -> None:
@@ -85,9 +87,14 @@ def test_a_waiter_sleeps_until_the_release_instead_of_waking_up_to_look_again() 
 def test_with_the_gil_a_waiter_looks_again_many_times_before_it_blocks() -> None:
     # Blocking at once (or after a millisecond, which a thousand writers use up before each has
     # run once) makes every release a hand-off through the kernel: a lock convoy, 1/40 of the speed.
-    lock = CountingLock(tries_before_release=50)
-    wait_in_a_thread(lock, lambda: ar.kit.finish_acquire(lock, "add()"), lock.tried_enough)
-    lock.release()
+    lock = CountingLock(tries_before_release=50)  # the 50th try releases it, then takes it
+    done = threading.Event()
+
+    def call() -> None:
+        ar.kit.finish_acquire(lock, "add()")
+        done.set()
+
+    wait_in_a_thread(lock, call, done)  # a waiter that blocked instead is freed after 10 s, failing
     assert lock.blocking_waits == 0, "the waiter blocked before 50 tries, while the lock kept changing hands"
 
 
@@ -117,3 +124,26 @@ def test_a_call_from_inside_merge_waits_once_for_its_bound_then_gives_way() -> N
     assert isinstance(outcome[0], ar.ReentrantMergeError), outcome
     assert "waited 0.2 s" in str(outcome[0])
     assert inner.blocking_waits == 1, f"{inner.blocking_waits} waits in one bounded wait"
+
+
+def test_an_interrupt_that_comes_with_the_lock_leaves_the_lock_free() -> None:
+    # The holder interrupts the main thread, then lets go: the main thread's acquire() returns with the
+    # lock and the interrupt is raised right after, before any caller's try could release it.
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("_thread.interrupt_main() interrupts only the main thread, and this test runs in another")
+    lock = threading.Lock()
+    lock.acquire()
+
+    def hand_over() -> None:
+        time.sleep(0.2)
+        _thread.interrupt_main()
+        lock.release()
+
+    holder = threading.Thread(target=hand_over)
+    holder.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ar.kit.acquire_interruptibly(lock)
+    finally:
+        holder.join(10)
+    assert not lock.locked(), "the interrupt left the lock held: no one will ever release it"
