@@ -474,3 +474,18 @@ def test_an_add_from_inside_another_aggregators_merge_still_waits_a_little_for_r
     assert outcome == [False], f"the add from inside another's merge did not wait for room: {outcome}"
     assert shutdown_collecting(caller) == {"k": 2}
     assert shutdown_collecting(target) == {"y": 1, "z": 1}
+
+
+@pytest.mark.clause("BUF-1", "BUF-2")
+@pytest.mark.parametrize("bound", [100, 1000])
+def test_one_writer_never_buffers_past_a_large_bound(make: Factory, bound: int) -> None:
+    # A backend that hands out allowances (a share of the room left) must never hand out more
+    # than the room: with small bounds every share is one record and a wrong share cannot show.
+    agg = make(max_buffered=bound, max_pending=2 * bound, max_block=0)
+    for key in range(2 * bound):
+        try:
+            agg.add(key, 1)
+        except ar.BufferFullError:
+            break
+        assert len(agg) <= bound, f"{len(agg)} records buffered after add #{key + 1}, max_buffered={bound}"
+    assert agg.stats().stored >= bound, "one writer filled the buffer before it was full"
