@@ -6,6 +6,7 @@ not start, a sink that changes its batch, an async ``close``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import operator
 import os
 import threading
@@ -242,6 +243,54 @@ def test_a_shutdown_waiting_on_a_failing_delivery_says_so(
             assert "drain" not in text, text
     finally:
         healthy.set()
+    call_bounded(lambda: agg.shutdown(timeout=LIMIT), LIMIT + 1, "shutdown() once the sink healed")
+    assert sink.totals == dict.fromkeys(range(8), 1)
+
+
+@pytest.mark.clause("SINK-4", "CLOSE-6")
+def test_a_shutdown_warning_says_how_the_delivery_fares_when_it_is_logged(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sink starts failing only after shutdown() has begun to wait and said so once: the
+    # warnings after that must say it fails (they said "not failing" all along, at random on 3.13t).
+    from aggregator_reference import _exit
+
+    monkeypatch.setattr(_exit, "SHUTDOWN_WARNING_INTERVAL", 0.05)
+    said: list[str] = []
+    first_warning = threading.Event()
+
+    class Listen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+            if "shutdown() has waited" in said[-1]:
+                first_warning.set()
+
+    class FailsOnceWarned(ClosingLedger):
+        def write(self, batch: Records, batch_id: str, /) -> None:
+            first_warning.wait(10)
+            super().write(batch, batch_id)
+
+    agg = make(max_pending=2)
+    healthy = threading.Event()
+    sink = FailsOnceWarned(healthy=healthy)
+    for key in range(8):  # more than the output holds: shutdown waits for room
+        agg.add(key, 1)
+    listen = Listen(logging.WARNING)
+    logger = logging.getLogger("aggregator_reference")
+    logger.addHandler(listen)
+    try:
+        agg.deliver(sink, batch_size=2, max_wait=0, retry=FAST)
+        with pytest.raises(TimeoutError):
+            agg.shutdown(timeout=2)
+    finally:
+        logger.removeHandler(listen)
+        first_warning.set()
+        healthy.set()
+    failed = next(i for i, text in enumerate(said) if "failed 1 time(s)" in text)
+    later = [text for text in said[failed:] if "shutdown() has waited" in text]
+    assert later, f"no shutdown() warning after the first failed write: {said}"
+    for text in later:
+        assert "SinkDown" in text, text
     call_bounded(lambda: agg.shutdown(timeout=LIMIT), LIMIT + 1, "shutdown() once the sink healed")
     assert sink.totals == dict.fromkeys(range(8), 1)
 
