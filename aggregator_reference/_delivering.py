@@ -210,14 +210,19 @@ class Delivering(Generic[K, V]):
         if not running:
             return ROOM, "drain the output and call shutdown() again"
         delivery = running[0]
-        s = delivery.stats()
-        state = f"failing ({s.retries} retries; last: {s.last_error!r})" if s.failing else "not failing"
-        what = f"the delivery into {delivery.sink!r} to take batches from the output (its writes: {state})"
+
+        def what() -> str:  # as the delivery fares now: each WARNING asks again
+            s = delivery.stats()
+            state = f"failing ({s.retries} retries; last: {s.last_error!r})" if s.failing else "not failing"
+            return (
+                f"the delivery into {delivery.sink!r} to take batches from the output (its writes: {state})"
+            )
+
         advice = (
             "see Delivery.stats(); the delivery makes room as the sink takes batches "
             "(records taken by hand would bypass the sink); or pass timeout=..."
         )
-        timed_out = f"the output waits for {what}; call shutdown() again once the sink takes batches"
+        timed_out = f"the output waits for {what()}; call shutdown() again once the sink takes batches"
         return Waiting(what, advice, countable=True), timed_out
 
     def _close_after_deliveries(self, wait: Patience) -> None:

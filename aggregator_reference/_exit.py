@@ -89,7 +89,8 @@ if hasattr(os, "register_at_fork"):
 class Waiting(NamedTuple):
     """What a ``shutdown()`` waits for, and what the user can do about it."""
 
-    what: str
+    #: Or a function that says it as things stand when the WARNING is logged.
+    what: str | Callable[[], str]
     advice: str
     #: Whether the buffer can be counted now; not while a ``merge`` may hold its lock.
     countable: bool
@@ -174,7 +175,7 @@ class Patience:
             "%s: shutdown() has waited %.1f s for %s: %d record(s) pending in the output, %s; %s",
             type(aggregator).__name__,
             now - self._started,
-            waiting.what,
+            waiting.what() if callable(waiting.what) else waiting.what,
             aggregator.pending,
             buffered,
             waiting.advice,
