@@ -295,6 +295,46 @@ def test_a_shutdown_warning_says_how_the_delivery_fares_when_it_is_logged(
     assert sink.totals == dict.fromkeys(range(8), 1)
 
 
+class UnprintableError(Exception):
+    """A sink's error whose ``repr()`` raises: user code in every message that names it."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr() of the sink's error raised")
+
+
+@pytest.mark.clause("SINK-4", "CLOSE-4", "CLOSE-6")
+def test_a_sink_error_that_cannot_be_printed_does_not_change_how_shutdown_waits(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aggregator_reference import _exit
+
+    monkeypatch.setattr(_exit, "SHUTDOWN_WARNING_INTERVAL", 0.05)
+    healthy = threading.Event()
+
+    class Unprintable(ClosingLedger):
+        def __repr__(self) -> str:
+            raise RuntimeError("repr() of the sink raised")
+
+        def write(self, batch: Records, batch_id: str, /) -> None:
+            if not healthy.is_set():
+                raise UnprintableError
+            super().write(batch, batch_id)
+
+    agg = make(max_pending=2)
+    sink = Unprintable(healthy=healthy)
+    for key in range(8):  # more than the output holds: shutdown waits for room, and warns
+        agg.add(key, 1)
+    agg.deliver(sink, batch_size=2, max_wait=0, retry=FAST)
+    try:
+        with pytest.raises(TimeoutError) as raised:
+            agg.shutdown(timeout=0.5)
+        assert "UnprintableError" in str(raised.value)
+    finally:
+        healthy.set()
+    call_bounded(lambda: agg.shutdown(timeout=LIMIT), LIMIT + 1, "shutdown() once the sink healed")
+    assert sink.totals == dict.fromkeys(range(8), 1)
+
+
 @pytest.mark.clause("SINK-1", "SINK-4")
 def test_a_delivery_thread_that_does_not_start_does_not_hold_up_a_shutdown_under_way(
     make: Factory, monkeypatch: pytest.MonkeyPatch
