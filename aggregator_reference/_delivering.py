@@ -9,7 +9,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._consume import check_batch_arguments
-from ._delivery import AsyncSink, Delivery, Retry, Sink, inside_sink
+from ._delivery import AsyncSink, Delivery, Retry, Sink, inside_sink, shown
 from ._errors import AggregatorClosedError, DeliveryError
 from ._exit import DELIVERY, ROOM, Waiting
 
@@ -143,7 +143,7 @@ class Delivering(Generic[K, V]):
             running = [d for d in self._deliveries if not d.done]
             if running:
                 raise DeliveryError(
-                    f"a delivery into {running[0].sink!r} is still running on this aggregator; one "
+                    f"a delivery into {shown(running[0].sink)} is still running on this aggregator; one "
                     "delivery at a time keeps each key's records in order"
                 )
             delivery = Delivery(self, sink, batch_size, float(max_wait), retry)  # type: ignore[arg-type]
@@ -185,7 +185,7 @@ class Delivering(Generic[K, V]):
             if not in_loop and delivery.task is not None and delivery.task.get_loop() is loop:
                 raise DeliveryError(
                     f"shutdown() would block the event loop that runs the delivery into "
-                    f"{delivery.sink!r}, which it waits for; use await agg.ashutdown() there"
+                    f"{shown(delivery.sink)}, which it waits for; use await agg.ashutdown() there"
                 )
 
     def _stranded_by_deliveries(self) -> str:
@@ -195,7 +195,7 @@ class Delivering(Generic[K, V]):
         if not ended or not pending:
             return ""
         return (
-            f"its delivery into {ended[-1].sink!r} ended early ({type(ended[-1].error).__name__}), "
+            f"its delivery into {shown(ended[-1].sink)} ended early ({type(ended[-1].error).__name__}), "
             f"so the {pending} record(s) pending in the output were not delivered and are lost at "
             "exit; await ashutdown() before the event loop ends, or drain() them"
         )
@@ -213,10 +213,11 @@ class Delivering(Generic[K, V]):
 
         def what() -> str:  # as the delivery fares now: each WARNING asks again
             s = delivery.stats()
-            state = f"failing ({s.retries} retries; last: {s.last_error!r})" if s.failing else "not failing"
-            return (
-                f"the delivery into {delivery.sink!r} to take batches from the output (its writes: {state})"
+            state = (
+                f"failing ({s.retries} retries; last: {shown(s.last_error)})" if s.failing else "not failing"
             )
+            sink = shown(delivery.sink)
+            return f"the delivery into {sink} to take batches from the output (its writes: {state})"
 
         advice = (
             "see Delivery.stats(); the delivery makes room as the sink takes batches "
@@ -236,10 +237,10 @@ class Delivering(Generic[K, V]):
                 if not wait.until(delivery.wait, DELIVERY):
                     s = delivery.stats()
                     raise TimeoutError(
-                        f"shutdown() timed out waiting for the delivery into {delivery.sink!r}: "
+                        f"shutdown() timed out waiting for the delivery into {shown(delivery.sink)}: "
                         f"{s.held} record(s) held, {self.pending} pending"  # type: ignore[attr-defined]
                         + (
-                            f", writes failing ({s.retries} retries; last: {s.last_error!r})"
+                            f", writes failing ({s.retries} retries; last: {shown(s.last_error)})"
                             if s.failing
                             else ""
                         )

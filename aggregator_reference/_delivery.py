@@ -11,7 +11,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final, runtime_checkable
 
@@ -26,6 +26,14 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 logger = logging.getLogger("aggregator_reference")
+
+
+def shown(thing: object, text: Callable[[object], str] = repr) -> str:
+    """``repr(thing)`` (or ``text(thing)``) for a message: a user's method that raises must not end a wait."""
+    try:
+        return str(text(thing))
+    except Exception:
+        return f"<{type(thing).__qualname__} object whose {text.__name__}() raised>"
 
 
 @runtime_checkable
@@ -238,13 +246,13 @@ class Delivery(Generic[K, V]):
         delay = self._retry.delay(self._failures)
         log = logger.warning if self._failures == 1 or self._failures % 10 == 0 else logger.debug
         log(
-            "delivery into %r: batch %s (%d record(s)) failed %d time(s) (%s: %s); retrying in %.2f s",
-            self.sink,
+            "delivery into %s: batch %s (%d record(s)) failed %d time(s) (%s: %s); retrying in %.2f s",
+            shown(self.sink),
             batch_id,
             len(self._held),
             self._failures,
             type(exc).__name__,
-            exc,
+            shown(exc, str),
             delay,
         )
         return delay
@@ -340,12 +348,12 @@ class Delivery(Generic[K, V]):
                 return  # ended already (its loop closed, say), then its coroutine was closed
             self.error = exc
             logger.error(
-                "delivery into %r stopped by %s%s: %d record(s) taken from the output were not "
+                "delivery into %s stopped by %s%s: %d record(s) taken from the output were not "
                 "written (Delivery.held() returns them); records still buffered or pending stay in "
                 "the aggregator",
-                self.sink,
+                shown(self.sink),
                 type(exc).__name__,
-                f" ({exc})" if str(exc) else "",
+                f" ({shown(exc, str)})" if shown(exc, str) else "",
                 len(self._held),
                 exc_info=trace and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)),
             )
