@@ -8,6 +8,7 @@ import operator
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -478,10 +479,39 @@ def test_the_only_writer_after_a_read_from_another_merge_gave_up_says_what_it_di
     assert shutdown_collecting(agg, operator.add) == {"k": "aslowc", "new": "n"}
 
 
-@pytest.mark.clause("THREAD-2", "CLOSE-5")
-def test_an_add_interrupted_while_it_waits_raises_at_once_and_holds_nothing(make: Factory) -> None:
+def skip_unless_in_the_main_thread() -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("_thread.interrupt_main() interrupts only the main thread, and this test runs in another")
+
+
+def interrupted_after(call: Callable[[], object], finish: Callable[[], object]) -> float | None:
+    """Run ``call`` here, in the main thread, interrupted 0.2 s after it began; then ``finish()``.
+
+    Returns the seconds until the ``KeyboardInterrupt`` came out of ``call``, or
+    ``None`` if ``call`` returned first (the interrupt is then caught here).
+    """
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    waited = None
+    started = time.monotonic()
+    try:
+        timer.start()
+        try:
+            call()
+        except KeyboardInterrupt:
+            waited = time.monotonic() - started
+        while waited is None and time.monotonic() - started < 10:  # it returned: the interrupt comes here
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        timer.cancel()
+        finish()
+    return waited
+
+
+@pytest.mark.clause("THREAD-2", "CLOSE-5")
+def test_an_add_interrupted_while_it_waits_raises_at_once_and_holds_nothing(make: Factory) -> None:
+    skip_unless_in_the_main_thread()
     in_merge, release = threading.Event(), threading.Event()
 
     def merge(stored: int, incoming: int) -> int:
@@ -494,28 +524,18 @@ def test_an_add_interrupted_while_it_waits_raises_at_once_and_holds_nothing(make
     writer = threading.Thread(target=lambda: [agg.add("k", value) for value in (1, 2)])
     writer.start()
     assert in_merge.wait(10)
-    timer = threading.Timer(0.2, _thread.interrupt_main)
-    returned, waited = False, 0.0
-    started = time.monotonic()
-    try:
-        timer.start()
-        try:
-            agg.add("k", 10)  # waits behind the merge on a backend with one record per key
-            returned = True
-        except KeyboardInterrupt:
-            waited = time.monotonic() - started
-        while returned and time.monotonic() - started < 10:  # a backend that did not wait: it comes here
-            time.sleep(0.01)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        timer.cancel()
+
+    def finish() -> None:
         release.set()
         writer.join(10)
-    assert waited < 2, f"the interrupt was raised after {waited:.1f} s, once the merge in flight ended"
+
+    waited = interrupted_after(lambda: agg.add("k", 10), finish)  # waits behind the merge, or not
+    assert waited is None or waited < 2, (
+        f"the interrupt was raised after {waited:.1f} s, once the merge ended"
+    )
     # Nothing held for the interrupted add: shutdown() ends, and every add is there once.
     delivered = call_bounded(lambda: shutdown_collecting(agg), 30, "shutdown() after an interrupted add")
-    assert delivered == {"k": 13 if returned else 3}
+    assert delivered == {"k": 13 if waited is None else 3}
 
 
 class SlowHashKey:
@@ -536,8 +556,7 @@ class SlowHashKey:
 def test_a_flush_interrupted_while_it_waits_for_a_running_flush_raises_at_once_and_holds_nothing(
     make: Factory,
 ) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("_thread.interrupt_main() interrupts only the main thread, and this test runs in another")
+    skip_unless_in_the_main_thread()
     agg = make(max_pending=1)
     key = SlowHashKey()
     agg.add("first", 1)
@@ -546,23 +565,12 @@ def test_a_flush_interrupted_while_it_waits_for_a_running_flush_raises_at_once_a
     running = threading.Thread(target=agg.flush)
     running.start()
     assert key.inside.wait(10), "the flush did not re-queue the key"
-    timer = threading.Timer(0.2, _thread.interrupt_main)
-    waited = None
-    started = time.monotonic()
-    try:
-        timer.start()
-        try:
-            agg.flush()  # waits for the running flush (FLUSH-4)
-        except KeyboardInterrupt:
-            waited = time.monotonic() - started
-        while waited is None and time.monotonic() - started < 10:  # it did not wait: it comes here
-            time.sleep(0.01)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        timer.cancel()
+
+    def finish() -> None:
         key.release.set()
         running.join(10)
+
+    waited = interrupted_after(agg.flush, finish)  # waits for the running flush (FLUSH-4)
     key.armed = False
     assert waited is None or waited < 2, (
         f"the interrupt was raised after {waited:.1f} s, once the flush ended"
@@ -576,8 +584,7 @@ def test_a_flush_interrupted_while_it_waits_for_a_running_flush_raises_at_once_a
 def test_a_read_interrupted_while_it_waits_for_an_add_in_flight_loses_nothing(
     make: Factory, read: str
 ) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("_thread.interrupt_main() interrupts only the main thread, and this test runs in another")
+    skip_unless_in_the_main_thread()
     in_merge, release = threading.Event(), threading.Event()
 
     def merge(stored: int, incoming: int) -> int:
@@ -591,23 +598,12 @@ def test_a_read_interrupted_while_it_waits_for_an_add_in_flight_loses_nothing(
     writer = threading.Thread(target=lambda: [agg.add("k", value) for value in (1, 2)])
     writer.start()
     assert in_merge.wait(10)
-    timer = threading.Timer(0.2, _thread.interrupt_main)
-    waited = None
-    started = time.monotonic()
-    try:
-        timer.start()
-        try:
-            calls[read]()  # may wait for the merge in flight (or take what it can and return)
-        except KeyboardInterrupt:
-            waited = time.monotonic() - started
-        while waited is None and time.monotonic() - started < 10:  # it did not wait: it comes here
-            time.sleep(0.01)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        timer.cancel()
+
+    def finish() -> None:
         release.set()
         writer.join(10)
+
+    waited = interrupted_after(calls[read], finish)  # may wait for the merge, or take what it can
     assert waited is None or waited < 2, (
         f"the interrupt was raised after {waited:.1f} s, once the merge ended"
     )
