@@ -509,15 +509,17 @@ def interrupted_after(call: Callable[[], object], finish: Callable[[], object]) 
     return waited
 
 
-@pytest.mark.clause("THREAD-2", "CLOSE-5")
-def test_an_add_interrupted_while_it_waits_raises_at_once_and_holds_nothing(make: Factory) -> None:
-    skip_unless_in_the_main_thread()
+def an_add_in_flight(make: Factory) -> tuple[Any, Callable[[], None]]:
+    """An aggregator whose writer thread is inside ``merge`` for key "k" (1 + 2) for up to 3 s.
+
+    Returns it and ``finish()``, which lets the merge return and waits for the writer.
+    """
     in_merge, release = threading.Event(), threading.Event()
 
     def merge(stored: int, incoming: int) -> int:
         if incoming == 2:
             in_merge.set()
-            release.wait(3)  # the add in flight that the main thread's add may have to wait for
+            release.wait(3)
         return stored + incoming
 
     agg = make(merge)
@@ -529,6 +531,13 @@ def test_an_add_interrupted_while_it_waits_raises_at_once_and_holds_nothing(make
         release.set()
         writer.join(10)
 
+    return agg, finish
+
+
+@pytest.mark.clause("THREAD-2", "CLOSE-5")
+def test_an_add_interrupted_while_it_waits_raises_at_once_and_holds_nothing(make: Factory) -> None:
+    skip_unless_in_the_main_thread()
+    agg, finish = an_add_in_flight(make)
     waited = interrupted_after(lambda: agg.add("k", 10), finish)  # waits behind the merge, or not
     assert waited is None or waited < 2, (
         f"the interrupt was raised after {waited:.1f} s, once the merge ended"
@@ -585,24 +594,8 @@ def test_a_read_interrupted_while_it_waits_for_an_add_in_flight_loses_nothing(
     make: Factory, read: str
 ) -> None:
     skip_unless_in_the_main_thread()
-    in_merge, release = threading.Event(), threading.Event()
-
-    def merge(stored: int, incoming: int) -> int:
-        if incoming == 2:
-            in_merge.set()
-            release.wait(3)
-        return stored + incoming
-
-    agg = make(merge)
+    agg, finish = an_add_in_flight(make)
     calls = {"get": lambda: agg.get("k"), "snapshot": agg.snapshot, "len": lambda: len(agg)}
-    writer = threading.Thread(target=lambda: [agg.add("k", value) for value in (1, 2)])
-    writer.start()
-    assert in_merge.wait(10)
-
-    def finish() -> None:
-        release.set()
-        writer.join(10)
-
     waited = interrupted_after(calls[read], finish)  # may wait for the merge, or take what it can
     assert waited is None or waited < 2, (
         f"the interrupt was raised after {waited:.1f} s, once the merge ended"
