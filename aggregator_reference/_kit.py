@@ -32,6 +32,7 @@ __all__ = [
     "holds_locks",
     "in_user_code_of",
     "lookup",
+    "probe_held_locks",
     "refuse_closed",
     "refuse_reentrant",
     "release_all",
@@ -66,9 +67,30 @@ def holds_locks(function: F) -> F:
     return function
 
 
+#: Probes of compiled storages, which run user code from C with no frame to mark: each
+#: returns ``(storage, lock)`` for what the calling thread holds while it runs such code.
+_PROBES: list[Callable[[], Iterable[tuple[object, Any]]]] = []
+
+
+def probe_held_locks(probe: Callable[[], Iterable[tuple[object, Any]]]) -> None:
+    """Register ``probe``: how a compiled storage tells what :func:`holds_locks` tells for Python code.
+
+    A storage whose ``add`` is written in C calls ``merge`` with no Python
+    frame of its own on the stack; ``probe()`` returns, for the calling thread,
+    a ``(storage, lock)`` pair for each storage whose user code it is running
+    and the lock (or busy buffer's lock) that call holds, so that the checks
+    below see it. Called off the hot path only; it must be thread-safe.
+    """
+    _PROBES.append(probe)
+
+
+def _probed() -> list[tuple[object, Any]]:
+    return [pair for probe in _PROBES for pair in probe()] if _PROBES else []
+
+
 def _locks_held(frame: FrameType | None) -> list[Any]:
-    """The locks that marked frames from ``frame`` upwards hold."""
-    held: list[Any] = []
+    """The locks that marked frames from ``frame`` upwards hold, and those probes report."""
+    held: list[Any] = [lock for _, lock in _probed()]
     while frame is not None:
         if frame.f_code in _HOLDERS:
             local = frame.f_locals
@@ -107,6 +129,8 @@ def in_user_code_of(owner: object) -> bool:
     such a call raises ``ReentrantMergeError`` instead of waiting for a flush
     that waits for this very merge. It walks the stack: off the hot path only.
     """
+    if any(storage is owner for storage, _ in _probed()):
+        return True
     frame: FrameType | None = sys._getframe(1)
     marked = False
     while frame is not None:
@@ -125,6 +149,8 @@ def holding_locks_of(owner: object) -> bool:
     :func:`in_user_code_of`, not merely because such a method is on the stack
     after it let go of its locks. It walks the stack: off the hot path only.
     """
+    if any(storage is owner for storage, _ in _probed()):
+        return True
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code in _HOLDERS and frame.f_locals.get("self") is owner:

@@ -53,7 +53,6 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-@final
 class FreeThreadedStorage(Gatherer[K, V]):
     """A :class:`~aggregator_reference.Storage` of per-thread buffers around one shared home.
 
@@ -66,7 +65,13 @@ class FreeThreadedStorage(Gatherer[K, V]):
     order: ``_shared``, then a buffer's ``lock``). ``get``, ``snapshot`` and
     ``len`` from inside ``merge`` raise ``ReentrantMergeError``, and so does
     ``add`` of any key (the thread's buffer is busy).
+
+    A compiled backend may subclass it to replace ``add`` and ``buffer_type``
+    (``aggregator_native`` does); nothing else is meant to be overridden.
     """
+
+    #: Makes each thread's buffer: ``buffer_type(owner_thread, allowed)``.
+    buffer_type: Callable[[threading.Thread, int], Buffer[Any, Any]] = Buffer
 
     def __init__(self, merge: Callable[[V, V], V], shards: int | None = None) -> None:
         self._merge = merge
@@ -99,7 +104,8 @@ class FreeThreadedStorage(Gatherer[K, V]):
     # -- the hot path ------------------------------------------------------------
 
     def _register(self) -> Buffer[K, V]:
-        buffer: Buffer[K, V] = Buffer(threading.current_thread(), UNLIMITED if self._admit is None else 0)
+        allowed = UNLIMITED if self._admit is None else 0
+        buffer: Buffer[K, V] = self.buffer_type(threading.current_thread(), allowed)
         with self._locked("add()"):
             buffers, retired = self._accounts
             self._accounts = ((*buffers, buffer), retired)
@@ -288,7 +294,7 @@ class FreeThreadedStorage(Gatherer[K, V]):
             buffer: Buffer[K, V] = self._local.buffer
         except AttributeError:
             return self._register()
-        if buffer.busy or (FREE_THREADED_BUILD and kit.held_by_this_thread(buffer.lock)):
+        if buffer.busy or (buffer.locked and kit.held_by_this_thread(buffer.lock)):
             kit.refuse_reentrant(call)
         return buffer
 

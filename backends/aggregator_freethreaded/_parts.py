@@ -8,7 +8,7 @@ import sysconfig
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from typing import Any, Generic, NoReturn, TypeVar, final
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar, final
 
 import aggregator_reference as ar
 from aggregator_reference import kit
@@ -48,6 +48,11 @@ class Buffer(Generic[K, V]):
     """
 
     __slots__ = ("allowed", "busy", "lock", "merges", "owner", "state", "stored", "stranded")
+
+    #: Whether the owner holds ``lock`` for the whole of each add (free-threaded builds), so
+    #: that others take ``lock`` to keep it out; else they watch ``busy``. A compiled buffer
+    #: that marks ``busy`` with atomic operations says ``False`` on every build.
+    locked: ClassVar[bool] = FREE_THREADED_BUILD
 
     def __init__(self, owner: threading.Thread, allowed: int) -> None:
         #: ``stored`` up to which the owner may store new records without asking the
@@ -205,7 +210,7 @@ def take(
     """
     if buffer is me:
         taken, me.state = me.state, ({}, [])
-    elif FREE_THREADED_BUILD:
+    elif buffer.locked:
         if not buffer.lock.acquire(False):
             if not block:
                 return None
@@ -237,7 +242,7 @@ def take(
 def wait_for_adds(buffers: Iterable[Buffer[Any, Any]]) -> None:
     """Wait for every add in flight in ``buffers`` to return."""
     for buffer in buffers:
-        if FREE_THREADED_BUILD:
+        if buffer.locked:
             with buffer.lock:
                 pass
         else:
