@@ -71,6 +71,7 @@ def disown(aggregators: Iterable[BufferedAggregator[Any, Any]], parent: int) -> 
         output.close()
         aggregator._storage = storage
         aggregator.add = storage.add
+        aggregator.__dict__.pop("add_many", None)  # the engine's, which calls add
         aggregator._output = output
         aggregator._flush_lock = threading.Lock()
         aggregator._closer_lock = threading.Lock()

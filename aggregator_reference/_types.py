@@ -217,6 +217,10 @@ class Storage(Protocol[K, V]):
     spends every thread's allowance; the engine calls it after each flush,
     holding the lock ``admit`` runs under, so it must not wait for anything.
     Without them the engine checks the bound in front of ``add``.
+
+    Optional, for speed: ``add_many(pairs)``, doing all that ADD-7 says
+    (the note naming a failing pair's index included); the engine binds it
+    as the aggregator's ``add_many`` whenever it binds the storage's ``add``.
     """
 
     @property
