@@ -6,6 +6,7 @@ import itertools
 import os
 from collections import Counter
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -13,6 +14,21 @@ import pytest
 from .postgres_server import HOW_TO_ENABLE, PostgresServer, find_programs
 
 _tables = itertools.count()
+
+
+def native_or_skip() -> ModuleType:
+    """The compiled backend's package; skips without it, fails where tox built it.
+
+    ``AGGREGATOR_REQUIRE_NATIVE=1`` (tox sets it) makes its absence an error.
+    """
+    try:
+        import aggregator_native
+    except ImportError as exc:
+        message = f"aggregator_native is not installed ({exc}): pip install ./backends/native"
+        if os.environ.get("AGGREGATOR_REQUIRE_NATIVE") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return aggregator_native
 
 
 def _unavailable() -> str | None:

@@ -4,7 +4,8 @@ A read or an add can run in the window between a flush's detach and its
 re-queue; these tests open that window deterministically by running them from
 a logging handler that the flush calls there (when it delivers the older half
 of a split record past ``max_pending``). The conformance suite checks the same
-order statistically through the public API (test_add.py).
+order statistically through the public API (test_add.py). Each test runs on
+``freethreaded`` and on ``native``, which reuses its storage around a compiled ``add``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 from aggregator_freethreaded import FreeThreadedAggregator
+
+from .conftest import native_or_skip
 
 
 def merge(stored: list[Any], incoming: list[Any]) -> list[Any]:
@@ -38,6 +41,12 @@ class Window(logging.Handler):
             self.action()
 
 
+@pytest.fixture(params=["freethreaded", "native"])
+def aggregator_class(request: pytest.FixtureRequest) -> Any:
+    """The backend under test: its aggregator class."""
+    return FreeThreadedAggregator if request.param == "freethreaded" else native_or_skip().NativeAggregator
+
+
 @pytest.fixture
 def window() -> Iterator[Window]:
     handler = Window()
@@ -47,9 +56,11 @@ def window() -> Iterator[Window]:
     log.removeHandler(handler)
 
 
-def run(scenario: Callable[[Any, list[ThreadPoolExecutor]], None], window: Window) -> list[int]:
+def run(
+    scenario: Callable[[Any, list[ThreadPoolExecutor]], None], window: Window, aggregator_class: Any
+) -> list[int]:
     """Thread A's sequence numbers for key "k", in delivery order."""
-    agg: Any = FreeThreadedAggregator(merge, flush_interval=None, max_pending=1)
+    agg: Any = aggregator_class(merge, flush_interval=None, max_pending=1)
     pools = [ThreadPoolExecutor(1) for _ in range(3)]
     a, b, _ = pools
     try:
@@ -74,17 +85,19 @@ def run(scenario: Callable[[Any, list[ThreadPoolExecutor]], None], window: Windo
     return [i for key, value in got if key == "k" for thread, i in value if thread == "A"]
 
 
-def test_two_takes_from_home_keep_a_threads_order(window: Window) -> None:
+def test_two_takes_from_home_keep_a_threads_order(window: Window, aggregator_class: Any) -> None:
     def scenario(agg: Any, pools: list[ThreadPoolExecutor]) -> None:
         a, _, c = pools
         a.submit(agg.add, "k", [("A", 2)]).result()
         c.submit(agg.get, "k").result()  # a read moves A2 home
         a.submit(agg.add, "k", [("A", 3)]).result()  # A takes it back; then A1 is re-queued home
 
-    assert run(scenario, window) == [1, 2, 3]
+    assert run(scenario, window, aggregator_class) == [1, 2, 3]
 
 
-def test_a_take_from_home_and_a_new_partial_keep_a_threads_order(window: Window) -> None:
+def test_a_take_from_home_and_a_new_partial_keep_a_threads_order(
+    window: Window, aggregator_class: Any
+) -> None:
     def scenario(agg: Any, pools: list[ThreadPoolExecutor]) -> None:
         a, b, c = pools
         a.submit(agg.add, "k", [("A", 2)]).result()
@@ -92,7 +105,7 @@ def test_a_take_from_home_and_a_new_partial_keep_a_threads_order(window: Window)
         b.submit(agg.add, "k", [("B", 1)]).result()  # B takes A2 from home
         a.submit(agg.add, "k", [("A", 3)]).result()  # a new partial of A
 
-    assert run(scenario, window) == [1, 2, 3]
+    assert run(scenario, window, aggregator_class) == [1, 2, 3]
 
 
 class Interrupt(BaseException):
@@ -126,11 +139,11 @@ def failed_key() -> str | None:
     return FailingHashKey.failed
 
 
-def sweep_run(fail_at: int, pools: list[ThreadPoolExecutor]) -> list[str]:
+def sweep_run(fail_at: int, pools: list[ThreadPoolExecutor], aggregator_class: Any) -> list[str]:
     """Two writers, a reader and flushes over two keys; the n-th hash fails. What broke CLOSE-5."""
     FailingHashKey.calls, FailingHashKey.fail_at, FailingHashKey.failed = 0, fail_at, None
     a, b, r = pools
-    agg: Any = FreeThreadedAggregator(lambda x, y: x + y, flush_interval=None, max_pending=2)
+    agg: Any = aggregator_class(lambda x, y: x + y, flush_interval=None, max_pending=2)
     k, j = FailingHashKey("k"), FailingHashKey("j")
     added: list[tuple[str, str]] = []
 
@@ -192,12 +205,14 @@ def sweep_run(fail_at: int, pools: list[ThreadPoolExecutor]) -> list[str]:
 
 
 @pytest.mark.parametrize("error", [ValueError, Interrupt], ids=["Exception", "BaseException"])
-def test_a_hash_failing_anywhere_loses_nothing_and_keeps_other_keys_in_order(error: type) -> None:
+def test_a_hash_failing_anywhere_loses_nothing_and_keeps_other_keys_in_order(
+    error: type, aggregator_class: Any
+) -> None:
     FailingHashKey.error = error
     pools = [ThreadPoolExecutor(1) for _ in range(3)]
     try:
         FailingHashKey.fail_at = 0
-        problems = [p for n in range(1, 90) for p in sweep_run(n, pools)]
+        problems = [p for n in range(1, 90) for p in sweep_run(n, pools, aggregator_class)]
     finally:
         for pool in pools:
             pool.shutdown()

@@ -1,0 +1,126 @@
+"""The ``native`` backend: the ``freethreaded`` storage with its ``add`` compiled.
+
+Every writer thread merges into a buffer of its own, as in
+:mod:`aggregator_freethreaded`, whose Python code this backend reuses for
+everything but the hot path: ``add`` and the buffers it writes are C
+(``_native.c``), so an add costs about what ``d[k] = merge(d[k], v)`` written
+inline costs. Nothing mutable is shared per ``add``, on GIL builds and on
+free-threaded ones, where the module declares that it runs without the GIL
+(the buffers' handshake with a flush uses atomic operations there).
+
+Install it from a checkout with ``pip install ./backends/native`` (needs a C
+compiler and the Python headers); without it ``native`` is simply not among
+the backends. Thread safety and the order of records are those of
+``freethreaded``'s storage, whose docstring says them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, TypeVar, cast, final
+
+from aggregator_freethreaded import FreeThreadedStorage
+
+import aggregator_reference as ar
+from aggregator_reference import kit
+
+from . import _native
+
+__all__ = ["FREE_THREADED", "NativeAggregator", "NativeStorage"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+#: Whether this build of the module runs with the GIL disabled (free-threaded CPython).
+FREE_THREADED = bool(_native.FREE_THREADED)
+
+# Storages alive, for the probe below; guarded by _live_lock.
+_live: weakref.WeakSet[NativeStorage[Any, Any]] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def _held_by_this_thread() -> Iterator[tuple[object, Any]]:
+    """What a frame marked with ``kit.holds_locks`` would say, for adds running in C.
+
+    An add marks this thread's buffer busy while it runs ``merge`` (or a key's
+    ``__hash__``/``__eq__``): user code that may call back into an aggregator.
+    """
+    with _live_lock:
+        storages = list(_live)
+    for storage in storages:
+        try:
+            buffer = storage._core.buffer
+        except AttributeError:
+            continue
+        if buffer.busy:
+            yield storage, buffer.lock
+
+
+kit.probe_held_locks(_held_by_this_thread)
+
+
+class NativeStorage(FreeThreadedStorage[K, V]):
+    """A :class:`~aggregator_reference.Storage` of per-thread buffers written by a compiled ``add``.
+
+    Thread safety: as :class:`~aggregator_freethreaded.FreeThreadedStorage`;
+    ``add`` runs in C, touching only the calling thread's buffer unless its
+    key is at home.
+    """
+
+    # The compiled Buffer has every attribute of freethreaded's (see _native.pyi), not its class.
+    buffer_type = cast(Any, _native.Buffer)
+
+    def __init__(self, merge: Callable[[V, V], V], shards: int | None = None) -> None:
+        register = cast(Any, self._register)
+        self._core = core = _native.Core(
+            merge,
+            register,
+            self._add_from_home,
+            kit.refuse_reentrant,
+            kit.refuse_closed,
+            time.perf_counter_ns,
+        )
+        super().__init__(merge, shards)
+        self._local = cast(Any, core)  # like a threading.local: core.buffer is this thread's buffer
+        self.add = core.add
+        self.add_many = core.add_many  # the engine binds it as the aggregator's (ADD-7)
+        with _live_lock:
+            _live.add(self)
+
+    # The state the compiled add reads lives in the core; the Python part reaches it here.
+    @property
+    def _closed(self) -> bool:
+        return self._core.closed
+
+    @_closed.setter
+    def _closed(self, value: bool) -> None:
+        self._core.closed = value
+
+    @property
+    def _gathers(self) -> int:
+        return self._core.gathers
+
+    @_gathers.setter
+    def _gathers(self, value: int) -> None:
+        self._core.gathers = value
+
+    @property
+    def _home(self) -> dict[K, V]:
+        return self._core.home
+
+    @_home.setter
+    def _home(self, value: dict[K, V]) -> None:
+        self._core.home = value
+
+
+@final
+class NativeAggregator(ar.BufferedAggregator[K, V]):
+    """Per-thread buffers filled by a compiled ``add``; the fastest backend where it is installed.
+
+    Entry point ``native``; the shared engine over :class:`NativeStorage`.
+    """
+
+    storage_class = NativeStorage

@@ -1,0 +1,46 @@
+"""Types of the compiled part (``_native.c``)."""
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Generic, NoReturn, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+FREE_THREADED: Final[int]
+
+class Buffer(Generic[K, V]):
+    """One thread's records; the attributes of ``aggregator_freethreaded``'s ``Buffer``."""
+
+    state: tuple[dict[K, V], list[int]]
+    stranded: list[tuple[dict[K, V], list[int]]]
+    busy: bool
+    allowed: int
+    merges: int
+    stored: int
+    @property
+    def locked(self) -> bool: ...
+    @property
+    def lock(self) -> threading.Lock: ...
+    @property
+    def owner(self) -> threading.Thread: ...
+    def __init__(self, owner: threading.Thread, allowed: int) -> None: ...
+
+class Core(Generic[K, V]):
+    """One storage's add, and the state it reads."""
+
+    buffer: Buffer[K, V]
+    home: dict[K, V]
+    gathers: int
+    closed: bool
+    def __init__(
+        self,
+        merge: Callable[[V, V], V],
+        register: Callable[[], Buffer[K, V]],
+        from_home: Callable[[Any, K, V], bool],
+        refuse_reentrant: Callable[[str], NoReturn],
+        refuse_closed: Callable[[str], NoReturn],
+        clock: Callable[[], int],
+    ) -> None: ...
+    def add(self, key: K, value: V, /) -> bool: ...
+    def add_many(self, pairs: Iterable[tuple[K, V]], /) -> int: ...

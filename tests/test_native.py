@@ -1,0 +1,122 @@
+"""The compiled backend's own parts: what the conformance suite cannot see through the public API.
+
+The suite runs on ``native`` like on every installed backend; these tests
+check the C module's promises: no GIL needed on free-threaded builds, no
+record kept alive by a thread that outlives its aggregator, each thread its
+own buffer, and a ``merge`` run from C recognised as user code (REENTRY-1).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+import weakref
+from typing import Any
+
+import pytest
+
+import aggregator_reference as ar
+from aggregator_reference import kit
+
+from .conftest import native_or_skip
+
+native: Any = native_or_skip()
+
+
+def test_native_is_found_through_its_entry_point() -> None:
+    assert "native" in ar.backend_names()
+    assert ar.load_backend("native") is native.NativeAggregator
+
+
+@pytest.mark.skipif(not native.FREE_THREADED, reason="a free-threaded build of the module")
+def test_importing_it_keeps_the_gil_off() -> None:
+    # A module that does not declare Py_mod_gil turns the GIL back on when imported.
+    code = "import sys, aggregator_native, aggregator_reference; print(sys._is_gil_enabled())"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHON_GIL"}
+    command = [sys.executable, "-W", "error", "-c", code]
+    out = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+class Value:
+    """A record that can tell whether it is still alive."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __add__(self, other: Value) -> Value:
+        return Value(self.n + other.n)
+
+
+def test_a_thread_that_outlives_the_storage_keeps_none_of_its_records() -> None:
+    storage = native.NativeStorage(lambda a, b: a + b)
+    value = Value(1)
+    alive = weakref.ref(value)
+    storage.add("k", value)  # this (long-lived) thread now has a buffer of this storage
+    del storage, value
+    gc.collect()
+    assert alive() is None, "the thread's state still holds the buffer and its records"
+
+
+def test_each_new_thread_gets_a_buffer_of_its_own() -> None:
+    # Thread ids and thread states are reused as threads come and go: a buffer cached for a
+    # thread that ended must not be taken by the next one (its add would merge into it).
+    agg: Any = ar.create(lambda a, b: a + b, backend="native", flush_interval=None)
+    returned = []
+    for _ in range(50):
+        thread = threading.Thread(target=lambda: returned.append(agg.add("k", 1)))
+        thread.start()
+        thread.join()
+    assert returned == [False] * 50
+    assert agg.get("k") == 50
+    agg.shutdown()
+    assert agg.drain() == [("k", 50)]
+
+
+def test_a_merge_run_from_c_is_user_code_of_its_storage() -> None:
+    seen: list[tuple[bool, bool, float]] = []
+    storage: Any = None
+
+    def merge(a: int, b: int) -> int:
+        seen.append((kit.in_user_code_of(storage), kit.holding_locks_of(storage), kit.callback_timeout()))
+        return a + b
+
+    storage = native.NativeStorage(merge)
+    storage.add("k", 1)
+    assert not kit.in_user_code_of(storage)
+    assert not kit.holding_locks_of(storage)
+    assert kit.callback_timeout() == -1
+    storage.add("k", 2)
+    assert seen == [(True, True, kit.CALLBACK_WAIT)]
+    other = native.NativeStorage(merge)
+    assert not kit.in_user_code_of(other)
+
+
+def test_a_buffers_state_is_a_dict_and_a_list() -> None:
+    buffer = native.NativeStorage(lambda a, b: a + b).buffer_type(threading.current_thread(), 0)
+    bad: object
+    for bad in [({}, ()), ([], []), ({},), None]:
+        with pytest.raises(TypeError, match="state"):
+            buffer.state = bad
+    records: dict[str, int] = {"a": 1}
+    buffer.state = (records, [5])
+    assert buffer.state[0] is records
+
+
+def test_assigning_stranded_keeps_the_same_list() -> None:
+    # The owner reads the list's length while it adds, unlocked: the list must never go away.
+    buffer = native.NativeStorage(lambda a, b: a + b).buffer_type(threading.current_thread(), 0)
+    stranded = buffer.stranded
+    state: tuple[dict[str, int], list[int]] = ({"a": 1}, [1])
+    buffer.stranded = [state]
+    assert buffer.stranded is stranded
+    assert stranded == [state]
+    buffer.stranded = []
+    assert buffer.stranded is stranded
+    assert stranded == []
+    with pytest.raises(TypeError, match="stranded"):
+        buffer.stranded = (state,)
