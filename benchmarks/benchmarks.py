@@ -119,6 +119,43 @@ class AddSuite:
         self._run(self._body(backend, merge_stat, (1, 5), (0, 0)), writers)
 
 
+class AddManySuite:
+    """100,000 pairs over 100 keys from one thread: ``add_many`` against a loop of ``add``.
+
+    The baseline is the inline loop ``d[k] = merge(d[k], v)`` over the same pairs.
+    """
+
+    params = [BACKENDS]
+    param_names = ["backend"]
+
+    def setup(self, backend: str) -> None:
+        self.pairs = [(i % 100, 1) for i in range(TOTAL_ADDS)]
+        if backend == BASELINE:
+            self.shared = dict.fromkeys(range(100), 0)
+            return
+        self.aggregator: Any = ar.create(_bench.int_sum, backend=backend, flush_interval=None)
+        self.aggregator.add_many((key, 0) for key in range(100))
+
+    def teardown(self, backend: str) -> None:
+        if backend != BASELINE:
+            self.aggregator.shutdown()
+
+    def time_add_many(self, backend: str) -> None:
+        if backend == BASELINE:
+            d, merge = self.shared, _bench.int_sum
+            for key, value in self.pairs:
+                d[key] = merge(d[key], value)
+        else:
+            self.aggregator.add_many(self.pairs)
+
+    def time_add_loop(self, backend: str) -> None:
+        if backend == BASELINE:
+            raise NotImplementedError  # time_add_many is the baseline's loop
+        add = self.aggregator.add
+        for key, value in self.pairs:
+            add(key, value)
+
+
 class FlushSuite:
     """flush() of 100,000 buffered keys, against putting the same tuples into a queue.Queue."""
 

@@ -120,3 +120,48 @@ def test_assigning_stranded_keeps_the_same_list() -> None:
     assert stranded == []
     with pytest.raises(TypeError, match="stranded"):
         buffer.stranded = (state,)
+
+
+class Boom(Exception):
+    """What the merge below raises for a value of -1."""
+
+
+def test_every_compiled_path_gives_back_the_references_it_took() -> None:
+    # Merges, new records, add_many with each kind of failing pair, a merge that raises,
+    # an add after shutdown: afterwards the key and value objects are referenced as before.
+    key = "".join(["a", "key"])  # an object of this test's own
+    other = "".join(["another", "key"])
+    one = Value(1)
+    bad = Value(-1)
+
+    def merge(a: Value, b: Value) -> Value:
+        if b.n == -1:
+            raise Boom
+        return a + b
+
+    def exercise() -> None:  # its locals go when it returns
+        agg: Any = ar.create(merge, backend="native", flush_interval=None, max_pending=2)
+        for _ in range(3):
+            agg.add(key, one)
+            agg.add_many([(key, one), (other, one), [other, one]])
+            for pairs in ([(key, one), (key, bad)], [(key, one), (other, one, one)], [(key, one), 5]):
+                with pytest.raises((Boom, TypeError, ValueError)):
+                    agg.add_many(pairs)
+            with pytest.raises(Boom):
+                agg.add(key, bad)
+            with pytest.raises(TypeError):
+                agg.add([key], one)
+            agg.flush()
+            agg.drain()
+        agg.add(key, one)
+        agg.shutdown()
+        with pytest.raises(ar.AggregatorClosedError):
+            agg.add(key, one)
+        with pytest.raises(ar.AggregatorClosedError):
+            agg.add_many([(key, one)])
+        assert agg.drain()
+
+    before = [sys.getrefcount(x) for x in (key, other, one, bad)]
+    exercise()
+    gc.collect()
+    assert [sys.getrefcount(x) for x in (key, other, one, bad)] == before
