@@ -489,3 +489,22 @@ def test_one_writer_never_buffers_past_a_large_bound(make: Factory, bound: int) 
             break
         assert len(agg) <= bound, f"{len(agg)} records buffered after add #{key + 1}, max_buffered={bound}"
     assert agg.stats().stored >= bound, "one writer filled the buffer before it was full"
+
+
+@pytest.mark.clause("BUF-3")
+@pytest.mark.parametrize("flush_at", [100, 1000])
+def test_one_writer_reaching_a_large_flush_at_is_flushed_early(make: Factory, flush_at: int) -> None:
+    # The record that brings the buffer to flush_at wakes the flusher, not one record later:
+    # a backend handing out allowances must stop each one short of it (with flush_at=5 every
+    # allowance is too small for a wrong one to show).
+    agg = make(flush_interval=None, flush_at=flush_at, max_pending=2 * flush_at)
+    for key in range(flush_at - 1):
+        agg.add(key, 1)
+    time.sleep(0.2)  # room for an early flush that must not happen
+    assert (agg.pending, agg.stats().early_flushes) == (0, 0), "flushed before flush_at records"
+    agg.add(flush_at - 1, 1)
+    wait_until(
+        lambda: agg.pending == flush_at and agg.stats().early_flushes == 1,
+        f"the early flush of the {flush_at} records buffered at flush_at={flush_at}",
+    )
+    assert shutdown_collecting(agg) == dict.fromkeys(range(flush_at), 1)
