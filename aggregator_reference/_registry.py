@@ -36,9 +36,10 @@ ENTRY_POINT_GROUP = "aggregator_reference.backends"
 ENV_VAR = "AGGREGATOR_BACKEND"
 
 #: Preferred backends on a GIL build, fastest first as measured (see the README's table).
-GIL_PREFERENCE = ("freethreaded", "reference", "sharded", "striped")
-#: Preferred backends when the GIL is disabled.
-NOGIL_PREFERENCE = ("freethreaded", "sharded", "striped", "reference")
+GIL_PREFERENCE = ("native", "freethreaded", "reference", "sharded", "striped")
+#: Preferred backends when the GIL is disabled. ``native`` is a distribution of its own
+#: (backends/native); where it is not installed, ``freethreaded`` comes first.
+NOGIL_PREFERENCE = ("native", "freethreaded", "sharded", "striped", "reference")
 
 # Guards _loaded.
 _lock = threading.Lock()
@@ -139,8 +140,9 @@ def explain_default_backend() -> tuple[str, str]:
 def default_backend() -> str:
     """The backend :func:`create` uses when neither ``backend=`` nor ``AGGREGATOR_BACKEND`` says.
 
-    On a free-threaded interpreter with the GIL disabled this is ``freethreaded``;
-    otherwise the fastest backend on a GIL build (see the README).
+    ``native`` where it is installed, else ``freethreaded`` on a free-threaded
+    interpreter with the GIL disabled, else the fastest backend on a GIL build
+    (see the README).
 
     Raises:
         BackendNotFoundError: none of the preferred backends can be imported.

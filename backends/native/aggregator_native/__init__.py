@@ -118,7 +118,7 @@ class NativeStorage(FreeThreadedStorage[K, V]):
 
 @final
 class NativeAggregator(ar.BufferedAggregator[K, V]):
-    """Per-thread buffers filled by a compiled ``add``; the fastest backend where it is installed.
+    """Per-thread buffers filled by a compiled add; the fastest backend where it is installed.
 
     Entry point ``native``; the shared engine over :class:`NativeStorage`.
     """
