@@ -138,6 +138,37 @@ asyncio.run(main())
 print("script ended", flush=True)
 """
 
+# An atexit handler runs after threading has marked the main thread as ended: adds from
+# there, while another thread flushes, must reach the output like any other (THREAD-1).
+ADDS_FROM_ATEXIT = """
+import atexit, operator, sys, threading, time
+import aggregator_reference as ar
+
+box = {}
+stop = threading.Event()
+
+def flush_often():  # a daemon thread started before exit: it keeps running during atexit
+    while not stop.is_set():
+        if "agg" in box:
+            box["agg"].flush()
+        time.sleep(0.001)
+
+threading.Thread(target=flush_often, daemon=True).start()
+
+def late():
+    agg = ar.create(operator.add, backend=sys.argv[1], flush_interval=None, max_pending=10**6)
+    box["agg"] = agg
+    for i in range(300):
+        agg.add(i % 7, 1)
+        if i % 50 == 49:
+            time.sleep(0.02)  # flushes run meanwhile
+    stop.set()
+    agg.shutdown(timeout=10)
+    print("delivered", sum(value for _, value in agg.drain()), flush=True)
+
+atexit.register(late)
+"""
+
 
 def child_env() -> dict[str, str]:
     """This process's environment for a child: the same import path, no warning filters."""
@@ -326,3 +357,12 @@ def test_a_shutdown_waiting_for_a_merge_warns(
     assert "not counted" in said[0], said[0]
     assert "0 record(s) pending in the output" in said[0], said[0]
     assert "timeout=" in said[0], said[0]
+
+
+@pytest.mark.clause("THREAD-1", "FLUSH-1")
+def test_adds_from_an_atexit_handler_while_flushes_run_are_all_delivered(backend_name: str) -> None:
+    # threading.main_thread().is_alive() is False there: a backend that drops the buffers of
+    # threads it believes ended lost most of them (freethreaded) or freed one in use (native).
+    child = run_child(ADDS_FROM_ATEXIT, backend_name)
+    assert child.returncode == 0, f"exit status {child.returncode}\n{child.stderr}"
+    assert child.stdout == "delivered 300\n", child.stdout + child.stderr
