@@ -261,7 +261,7 @@ class Gatherer(Generic[K, V]):
                 for block, group in ((False, buffers), (True, later := [])):
                     for buffer in group:
                         # Asked before taking: a thread seen dead can add nothing after the take.
-                        alive = buffer is me or buffer.owner.is_alive()
+                        alive = buffer is me or buffer.alive
                         states = take(buffer, me, self._deadline, block=block)
                         if states is None:
                             later.append(buffer)

@@ -7,6 +7,7 @@ import sys
 import sysconfig
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar, final
 
@@ -33,6 +34,28 @@ _HOME = -2
 UNLIMITED = sys.maxsize
 
 
+class _ThreadMark:
+    """Lives as long as its thread's state: the interpreter drops it once the thread has ended."""
+
+    __slots__ = ("__weakref__",)
+
+
+_marks = threading.local()  # each thread's _ThreadMark
+
+
+def this_threads_mark() -> weakref.ref[Any]:
+    """A weak reference to the calling thread's mark: dead once the thread has ended.
+
+    Not ``Thread.is_alive()``: that says ``False`` for the main thread in
+    ``atexit`` handlers, which may still add.
+    """
+    try:
+        mark = _marks.mark
+    except AttributeError:
+        _marks.mark = mark = _ThreadMark()
+    return weakref.ref(mark)
+
+
 @final
 class Buffer(Generic[K, V]):
     """One thread's records.
@@ -47,7 +70,7 @@ class Buffer(Generic[K, V]):
     each ``add``. ``allowed`` is written under the engine's bound lock (BUF-1).
     """
 
-    __slots__ = ("allowed", "busy", "lock", "merges", "owner", "state", "stored", "stranded")
+    __slots__ = ("_mark", "allowed", "busy", "lock", "merges", "owner", "state", "stored", "stranded")
 
     #: Whether the owner holds ``lock`` for the whole of each add (free-threaded builds), so
     #: that others take ``lock`` to keep it out; else they watch ``busy``. A compiled buffer
@@ -68,6 +91,12 @@ class Buffer(Generic[K, V]):
         self.merges = 0
         self.stored = 0
         self.owner = owner
+        self._mark = this_threads_mark()  # made by the owner thread
+
+    @property
+    def alive(self) -> bool:
+        """Whether the owner thread may still add (a flush drops the buffers of ended threads)."""
+        return self._mark() is not None
 
 
 @final

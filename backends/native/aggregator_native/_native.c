@@ -88,10 +88,70 @@ static PyObject *allocate_lock; /* _thread.allocate_lock */
 
 /* The calling thread's buffer of the core it added to last (borrowed). A core's number is
    never reused, so a number that matches names a live core, and the buffer lives as long
-   as that core: its storage keeps the buffer of every live thread. Per thread: nothing
-   shared. Other cores' buffers are found in the thread-state dict (own_buffer). */
+   as that core while its thread's mark lives: a storage drops only the buffers of threads
+   whose mark has died, and a mark zeroes these as it dies, in its thread. Per thread:
+   nothing shared. Other cores' buffers are found in the thread-state dict (own_buffer). */
 static _Thread_local uint64_t last_core;
 static _Thread_local PyObject *last_buffer;
+
+/* -- a thread's mark ------------------------------------------------------------------- */
+
+/* One per thread, in its thread-state dict: it dies when the interpreter clears that dict,
+   once the thread has ended (threading's is_alive() is False earlier: for the main thread
+   in atexit handlers, which may still add). Each buffer holds a weak reference to it. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *weakrefs;
+} MarkObject;
+
+static PyObject *mark_key; /* the mark's key in the thread-state dicts */
+
+static void
+mark_dealloc(MarkObject *self)
+{
+    last_core = 0; /* this thread's cache: its buffers may go from now on */
+    last_buffer = NULL;
+    if (self->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject MarkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aggregator_native._native.ThreadMark",
+    .tp_doc = "Lives as long as its thread's state.",
+    .tp_basicsize = sizeof(MarkObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)mark_dealloc,
+    .tp_weaklistoffset = offsetof(MarkObject, weakrefs),
+};
+
+/* A weak reference to the calling thread's mark (made on first use). */
+static PyObject *
+this_threads_mark(void)
+{
+    PyObject *dict = PyThreadState_GetDict();
+    if (dict == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this thread has no thread-state dict");
+        return NULL;
+    }
+    PyObject *mark;
+    int found = PyDict_GetItemRef(dict, mark_key, &mark);
+    if (found < 0) {
+        return NULL;
+    }
+    if (!found) {
+        mark = PyType_GenericAlloc(&MarkType, 0);
+        if (mark == NULL || PyDict_SetItem(dict, mark_key, mark) < 0) {
+            Py_XDECREF(mark);
+            return NULL;
+        }
+    }
+    PyObject *ref = PyWeakref_NewRef(mark, NULL);
+    Py_DECREF(mark);
+    return ref;
+}
 static uint64_t next_core;      /* numbers each Core's key in the thread-state dicts */
 
 /* -- Buffer -------------------------------------------------------------------------- */
@@ -102,6 +162,7 @@ typedef struct {
     PyObject *stranded; /* list of older states; the same list object for good */
     PyObject *lock;     /* a threading.Lock: taken by the Python part's own merging only */
     PyObject *owner;    /* the owner thread */
+    PyObject *mark;     /* a weak reference to the owner thread's mark */
     PyObject *weakrefs;
     Py_ssize_t allowed; /* ``stored`` up to which the owner stores new records unasked */
     Py_ssize_t merges;
@@ -143,7 +204,8 @@ buffer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->state = new_state();
     self->stranded = PyList_New(0);
     self->lock = PyObject_CallNoArgs(allocate_lock);
-    if (self->state == NULL || self->stranded == NULL || self->lock == NULL) {
+    self->mark = this_threads_mark(); /* a buffer is made by its owner thread */
+    if (self->state == NULL || self->stranded == NULL || self->lock == NULL || self->mark == NULL) {
         Py_DECREF(self);
         return NULL;
     }
@@ -157,12 +219,14 @@ buffer_traverse(BufferObject *self, visitproc visit, void *arg)
     Py_VISIT(self->stranded);
     Py_VISIT(self->lock);
     Py_VISIT(self->owner);
+    Py_VISIT(self->mark);
     return 0;
 }
 
 static int
 buffer_clear(BufferObject *self)
 {
+    Py_CLEAR(self->mark);
     Py_CLEAR(self->state);
     Py_CLEAR(self->stranded);
     Py_CLEAR(self->lock);
@@ -261,6 +325,18 @@ buffer_set_count(BufferObject *self, PyObject *value, void *closure)
 }
 
 static PyObject *
+buffer_get_alive(BufferObject *self, void *closure)
+{
+    PyObject *mark;
+    int alive = PyWeakref_GetRef(self->mark, &mark);
+    if (alive < 0) {
+        return NULL;
+    }
+    Py_XDECREF(mark);
+    return PyBool_FromLong(alive);
+}
+
+static PyObject *
 buffer_get_locked(BufferObject *self, void *closure)
 {
     Py_RETURN_FALSE; /* takers watch ``busy``; ``lock`` is never held by an add */
@@ -278,6 +354,8 @@ static PyGetSetDef buffer_getset[] = {
     {"busy", (getter)buffer_get_busy, (setter)buffer_set_busy,
      "the owner is inside add(), or inside a merge run on its behalf", NULL},
     {"locked", (getter)buffer_get_locked, NULL, "always False: takers watch busy", NULL},
+    {"alive", (getter)buffer_get_alive, NULL,
+     "whether the owner thread may still add: its thread state exists", NULL},
     COUNT(allowed, "stored up to which the owner stores new records without asking (BUF-1)"),
     COUNT(merges, "adds that merged into a record of this buffer"),
     COUNT(stored, "records this buffer stored"),
@@ -802,7 +880,13 @@ native_exec(PyObject *module)
             return -1;
         }
     }
-    if (PyType_Ready(&BufferType) < 0 || PyType_Ready(&CoreType) < 0) {
+    if (mark_key == NULL) {
+        mark_key = PyUnicode_InternFromString("aggregator_native.ThreadMark");
+        if (mark_key == NULL) {
+            return -1;
+        }
+    }
+    if (PyType_Ready(&MarkType) < 0 || PyType_Ready(&BufferType) < 0 || PyType_Ready(&CoreType) < 0) {
         return -1;
     }
     if (PyModule_AddObjectRef(module, "Buffer", (PyObject *)&BufferType) < 0
