@@ -169,6 +169,28 @@ def late():
 atexit.register(late)
 """
 
+# Aggregators dropped with records in reference cycles: the collector finalizes them (LIFE-1)
+# at any allocation, also one made while the same thread is inside the backend's own code.
+COLLECTED_IN_CYCLES = """
+import gc, sys, warnings
+import aggregator_reference as ar
+
+warnings.simplefilter("ignore", ResourceWarning)
+
+class Holder:
+    pass
+
+gc.set_threshold(1, 1, 1)  # collect at almost every allocation
+for i in range(300):
+    holder = Holder()
+    holder.me = holder
+    holder.agg = ar.create(lambda a, b: a + b, backend=sys.argv[1], flush_interval=None)
+    holder.agg.add("k", 1)
+    holder.agg.get("k")
+    del holder
+print("done", flush=True)
+"""
+
 
 def child_env() -> dict[str, str]:
     """This process's environment for a child: the same import path, no warning filters."""
@@ -366,3 +388,12 @@ def test_adds_from_an_atexit_handler_while_flushes_run_are_all_delivered(backend
     child = run_child(ADDS_FROM_ATEXIT, backend_name)
     assert child.returncode == 0, f"exit status {child.returncode}\n{child.stderr}"
     assert child.stdout == "delivered 300\n", child.stdout + child.stderr
+
+
+@pytest.mark.clause("LIFE-1", "THREAD-1")
+def test_aggregators_collected_in_cycles_while_others_are_made_never_deadlock(backend_name: str) -> None:
+    # native's finalizer (len of its storage) re-entered a lock its own code held when the
+    # collector ran inside that code: the thread waited for itself.
+    child = run_child(COLLECTED_IN_CYCLES, backend_name)
+    assert child.returncode == 0, f"exit status {child.returncode}\n{child.stderr}"
+    assert child.stdout == "done\n", child.stdout + child.stderr

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
+import tracemalloc
+import warnings
 import weakref
 from typing import Any
 
@@ -165,3 +168,57 @@ def test_every_compiled_path_gives_back_the_references_it_took() -> None:
     exercise()
     gc.collect()
     assert [sys.getrefcount(x) for x in (key, other, one, bad)] == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_is_in_the_probe_can_make_aggregators() -> None:
+    # LIFE-3: the probe's registry lock, held by another thread at fork, must not stay held
+    # in the child (the child has only the forking thread).
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with native._live_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+            pid = os.fork()
+        if pid == 0:  # the child: exits with 0 only if it could use a new aggregator
+            signal.alarm(10)
+            agg = ar.create(lambda a, b: a + b, backend="native", flush_interval=None)
+            agg.add("k", 1)
+            agg.shutdown()
+            os._exit(0 if agg.drain() == [("k", 1)] else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join(10)
+    assert os.WIFEXITED(status), "the child hung (killed by its alarm)"
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_aggregators_made_and_dropped_by_one_thread_leave_nothing_behind() -> None:
+    # Each storage a thread adds to leaves an entry in that thread's state: it must go with it.
+    def cycle() -> None:
+        agg = ar.create(lambda a, b: a + b, backend="native", flush_interval=None)
+        agg.add("k", 1)
+        agg.shutdown()
+
+    for _ in range(100):
+        cycle()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            cycle()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, f"{grown} bytes kept after 2000 aggregators (about {grown // 2000} each)"
