@@ -17,6 +17,7 @@ import threading
 import tracemalloc
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -222,3 +223,21 @@ def test_aggregators_made_and_dropped_by_one_thread_leave_nothing_behind() -> No
     finally:
         tracemalloc.stop()
     assert grown < 100_000, f"{grown} bytes kept after 2000 aggregators (about {grown // 2000} each)"
+
+
+def test_add_kept_after_its_aggregator_is_gone_refuses_instead_of_losing_records() -> None:
+    agg: Any = ar.create(lambda a, b: a + b, backend="native", flush_interval=None)
+    add, add_many = agg.add, agg.add_many
+    add("k", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # "k" is dropped undelivered (LIFE-1)
+        del agg
+        gc.collect()
+    calls: list[Callable[[], object]] = [
+        lambda: add("k", 1),
+        lambda: add("new", 1),
+        lambda: add_many([("k", 1)]),
+    ]
+    for call in calls:
+        with pytest.raises(ar.AggregatorClosedError):
+            call()

@@ -16,6 +16,7 @@ the backends. Thread safety and the order of records are those of
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -37,9 +38,19 @@ V = TypeVar("V")
 #: Whether this build of the module runs with the GIL disabled (free-threaded CPython).
 FREE_THREADED = bool(_native.FREE_THREADED)
 
-# Storages alive, for the probe below; guarded by _live_lock.
+# Storages alive, for the probe below; guarded by _live_lock. Reentrant: the collector may
+# finalize an aggregator (whose finalizer asks the probe) while this thread holds it.
 _live: weakref.WeakSet[NativeStorage[Any, Any]] = weakref.WeakSet()
-_live_lock = threading.Lock()
+_live_lock = threading.RLock()
+
+
+def _after_fork_in_child() -> None:
+    """The lock may have been held by a thread that the child does not have."""
+    global _live_lock
+    _live_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _held_by_this_thread() -> Iterator[tuple[object, Any]]:
@@ -74,15 +85,20 @@ class NativeStorage(FreeThreadedStorage[K, V]):
     buffer_type = cast(Any, _native.Buffer)
 
     def __init__(self, merge: Callable[[V, V], V], shards: int | None = None) -> None:
-        register = cast(Any, self._register)
+        # The core refers to this storage weakly (no cycle: a dropped aggregator's records go
+        # at once, not at the next full collection) and is closed once the storage is gone.
+        this = weakref.ref(self)
+
+        def register() -> Any:
+            return _alive(this)._register()
+
+        def from_home(buffer: Any, key: K, value: V) -> bool:
+            return _alive(this)._add_from_home(buffer, key, value)
+
         self._core = core = _native.Core(
-            merge,
-            register,
-            self._add_from_home,
-            kit.refuse_reentrant,
-            kit.refuse_closed,
-            time.perf_counter_ns,
+            merge, register, from_home, kit.refuse_reentrant, kit.refuse_closed, time.perf_counter_ns
         )
+        weakref.finalize(self, _close, core)
         super().__init__(merge, shards)
         self._local = cast(Any, core)  # like a threading.local: core.buffer is this thread's buffer
         self.add = core.add
@@ -91,6 +107,15 @@ class NativeStorage(FreeThreadedStorage[K, V]):
             _live.add(self)
 
     # The state the compiled add reads lives in the core; the Python part reaches it here.
+    @property
+    def _accounts(self) -> tuple[tuple[Any, ...], tuple[int, int]]:
+        return self.__accounts
+
+    @_accounts.setter
+    def _accounts(self, value: tuple[tuple[Any, ...], tuple[int, int]]) -> None:
+        self._core.buffers = value[0]  # first: the core keeps every buffer the storage has
+        self.__accounts = value
+
     @property
     def _closed(self) -> bool:
         return self._core.closed
@@ -114,6 +139,17 @@ class NativeStorage(FreeThreadedStorage[K, V]):
     @_home.setter
     def _home(self, value: dict[K, V]) -> None:
         self._core.home = value
+
+
+def _alive(this: weakref.ref[NativeStorage[Any, Any]]) -> NativeStorage[Any, Any]:
+    storage = this()
+    if storage is None:
+        kit.refuse_closed("add()")
+    return storage
+
+
+def _close(core: Any) -> None:
+    core.closed = True  # an add through a kept reference to add() raises from now on
 
 
 @final

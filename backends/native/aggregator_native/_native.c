@@ -87,8 +87,8 @@ PyWeakref_GetRef(PyObject *ref, PyObject **result)
 static PyObject *allocate_lock; /* _thread.allocate_lock */
 
 /* The calling thread's buffer of the core it added to last (borrowed). A core's number is
-   never reused, so a number that matches names a live core, and the buffer lives as long
-   as that core while its thread's mark lives: a storage drops only the buffers of threads
+   never reused, so a number that matches names a live core, and the core keeps the buffer
+   (Core.buffers) while its thread's mark lives: a storage drops only the buffers of threads
    whose mark has died, and a mark zeroes these as it dies, in its thread. Per thread:
    nothing shared. Other cores' buffers are found in the thread-state dict (own_buffer). */
 static _Thread_local uint64_t last_core;
@@ -104,7 +104,8 @@ typedef struct {
     PyObject *weakrefs;
 } MarkObject;
 
-static PyObject *mark_key; /* the mark's key in the thread-state dicts */
+static PyObject *mark_key;   /* the mark's key in the thread-state dicts */
+static PyObject *key_prefix; /* how each core's key in them begins */
 
 static void
 mark_dealloc(MarkObject *self)
@@ -394,7 +395,8 @@ typedef struct {
     PyObject *from_home; /* (buffer, key, value) -> bool: the rest of an add, in Python */
     PyObject *refuse_reentrant;
     PyObject *refuse_closed;
-    PyObject *clock; /* time.perf_counter_ns: the stamp of each new record */
+    PyObject *clock;   /* time.perf_counter_ns: the stamp of each new record */
+    PyObject *buffers; /* the storage's buffers: each lives at least as long as this core */
     PyObject *weakrefs;
     uint64_t number;    /* unique for the life of the process, never 0 */
     Py_ssize_t gathers; /* gathers begun and ended: odd while one runs */
@@ -428,10 +430,11 @@ core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->refuse_closed = Py_NewRef(refuse_closed);
     self->clock = Py_NewRef(clock);
     self->home = PyDict_New();
+    self->buffers = PyTuple_New(0);
     unsigned long long number = __atomic_add_fetch(&next_core, 1, __ATOMIC_RELAXED);
     self->number = number;
-    self->key = PyUnicode_FromFormat("aggregator_native.Core.%llu", number);
-    if (self->home == NULL || self->key == NULL) {
+    self->key = PyUnicode_FromFormat("%U%llu", key_prefix, number);
+    if (self->home == NULL || self->key == NULL || self->buffers == NULL) {
         Py_DECREF(self);
         return NULL;
     }
@@ -448,6 +451,7 @@ core_traverse(CoreObject *self, visitproc visit, void *arg)
     Py_VISIT(self->refuse_reentrant);
     Py_VISIT(self->refuse_closed);
     Py_VISIT(self->clock);
+    Py_VISIT(self->buffers);
     return 0;
 }
 
@@ -461,6 +465,7 @@ core_clear(CoreObject *self)
     Py_CLEAR(self->refuse_reentrant);
     Py_CLEAR(self->refuse_closed);
     Py_CLEAR(self->clock);
+    Py_CLEAR(self->buffers);
     return 0;
 }
 
@@ -750,6 +755,40 @@ core_get_buffer(CoreObject *self, void *closure)
     return (PyObject *)buffer;
 }
 
+/* Removes the entries of storages gone from this thread's state dict (their buffers died):
+   once per buffer a thread gets, so each thread keeps entries only for live storages. */
+static int
+sweep_dead_buffers(PyObject *dict)
+{
+    PyObject *dead = PyList_New(0);
+    if (dead == NULL) {
+        return -1;
+    }
+    PyObject *key, *value;
+    Py_ssize_t position = 0;
+    int failed = 0;
+#ifdef Py_GIL_DISABLED
+    Py_BEGIN_CRITICAL_SECTION(dict);
+#endif
+    while (!failed && PyDict_Next(dict, &position, &key, &value)) {
+        if (PyWeakref_CheckRefExact(value) && PyUnicode_Check(key)
+            && PyUnicode_Tailmatch(key, key_prefix, 0, PY_SSIZE_T_MAX, -1) == 1) {
+            PyObject *buffer;
+            int alive = PyWeakref_GetRef(value, &buffer);
+            Py_XDECREF(buffer);
+            failed = alive < 0 || (!alive && PyList_Append(dead, key) < 0);
+        }
+    }
+#ifdef Py_GIL_DISABLED
+    Py_END_CRITICAL_SECTION();
+#endif
+    for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(dead); i++) {
+        failed = PyDict_DelItem(dict, PyList_GET_ITEM(dead, i)) < 0;
+    }
+    Py_DECREF(dead);
+    return failed ? -1 : 0;
+}
+
 static int
 core_set_buffer(CoreObject *self, PyObject *value, void *closure)
 {
@@ -760,6 +799,9 @@ core_set_buffer(CoreObject *self, PyObject *value, void *closure)
     PyObject *dict = PyThreadState_GetDict();
     if (dict == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "this thread has no thread-state dict");
+        return -1;
+    }
+    if (sweep_dead_buffers(dict) < 0) {
         return -1;
     }
     /* A weak reference: a thread that outlives the storage does not keep its records. */
@@ -830,7 +872,27 @@ core_set_closed(CoreObject *self, PyObject *value, void *closure)
     return 0;
 }
 
+static PyObject *
+core_get_buffers(CoreObject *self, void *closure)
+{
+    return Py_NewRef(LOAD(self->buffers));
+}
+
+static int
+core_set_buffers(CoreObject *self, PyObject *value, void *closure)
+{
+    /* Set under the storage's _shared lock whenever it registers or drops a buffer. */
+    if (value == NULL || !PyTuple_CheckExact(value)) {
+        PyErr_SetString(PyExc_TypeError, "Core.buffers must be a tuple");
+        return -1;
+    }
+    Py_DECREF(EXCHANGE(self->buffers, Py_NewRef(value)));
+    return 0;
+}
+
 static PyGetSetDef core_getset[] = {
+    {"buffers", (getter)core_get_buffers, (setter)core_set_buffers,
+     "the storage's buffers, kept alive as long as this core", NULL},
     {"buffer", (getter)core_get_buffer, (setter)core_set_buffer,
      "the calling thread's Buffer (AttributeError if none); setting binds one to it", NULL},
     {"home", (getter)core_get_home, (setter)core_set_home, "re-queued and read records", NULL},
@@ -882,7 +944,8 @@ native_exec(PyObject *module)
     }
     if (mark_key == NULL) {
         mark_key = PyUnicode_InternFromString("aggregator_native.ThreadMark");
-        if (mark_key == NULL) {
+        key_prefix = PyUnicode_InternFromString("aggregator_native.Core.");
+        if (mark_key == NULL || key_prefix == NULL) {
             return -1;
         }
     }

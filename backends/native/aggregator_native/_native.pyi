@@ -32,6 +32,7 @@ class Core(Generic[K, V]):
     """One storage's add, and the state it reads."""
 
     buffer: Buffer[K, V]
+    buffers: tuple[Buffer[K, V], ...]
     home: dict[K, V]
     gathers: int
     closed: bool
