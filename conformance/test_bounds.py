@@ -492,11 +492,11 @@ def test_one_writer_never_buffers_past_a_large_bound(make: Factory, bound: int) 
 
 
 @pytest.mark.clause("BUF-3")
-@pytest.mark.parametrize("flush_at", [100, 1000])
+@pytest.mark.parametrize("flush_at", [4, 100, 1000])
 def test_one_writer_reaching_a_large_flush_at_is_flushed_early(make: Factory, flush_at: int) -> None:
     # The record that brings the buffer to flush_at wakes the flusher, not one record later:
     # a backend handing out allowances must stop each one short of it (with flush_at=5 every
-    # allowance is too small for a wrong one to show).
+    # allowance is too small for a wrong cap to show; with 4, a wake-up one record early shows).
     agg = make(flush_interval=None, flush_at=flush_at, max_pending=2 * flush_at)
     for key in range(flush_at - 1):
         agg.add(key, 1)
