@@ -103,15 +103,19 @@ def _process_worker(  # noqa: PLR0917 (a Process target: positional arguments)
     ready, go, times = sync
     merge = MERGES[merge_name]
     sequence = [i % keys for i in range(adds)]
+    aggregator = None  # kept until the adds are done: an add may not outlive its aggregator
     if backend == BASELINE:
         body = bare_dict(dict.fromkeys(range(keys), 0), merge)
     else:
-        body = adding(create(merge, backend=backend, flush_interval=None).add)
+        aggregator = create(merge, backend=backend, flush_interval=None)
+        body = adding(aggregator.add)
     ready.wait()
     go.wait()
     started = time.perf_counter()
     body(sequence)
     times[2 * slot], times[2 * slot + 1] = started, time.perf_counter()
+    if aggregator is not None:
+        aggregator.shutdown()
 
 
 def process_ceiling(backend: str, processes: int, keys: int, *, adds: int, repeats: int, merge: str) -> float:
