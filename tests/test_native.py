@@ -101,7 +101,7 @@ def test_a_merge_run_from_c_is_user_code_of_its_storage() -> None:
 
 
 def test_a_buffers_state_is_a_dict_and_a_list() -> None:
-    buffer = native.NativeStorage(lambda a, b: a + b).buffer_type(threading.current_thread(), 0)
+    buffer = native.NativeStorage(lambda a, b: a + b).buffer_type(0)
     bad: object
     for bad in [({}, ()), ([], []), ({},), None]:
         with pytest.raises(TypeError, match="state"):
@@ -113,7 +113,7 @@ def test_a_buffers_state_is_a_dict_and_a_list() -> None:
 
 def test_assigning_stranded_keeps_the_same_list() -> None:
     # The owner reads the list's length while it adds, unlocked: the list must never go away.
-    buffer = native.NativeStorage(lambda a, b: a + b).buffer_type(threading.current_thread(), 0)
+    buffer = native.NativeStorage(lambda a, b: a + b).buffer_type(0)
     stranded = buffer.stranded
     state: tuple[dict[str, int], list[int]] = ({"a": 1}, [1])
     buffer.stranded = [state]

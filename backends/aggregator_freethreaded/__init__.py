@@ -70,8 +70,8 @@ class FreeThreadedStorage(Gatherer[K, V]):
     (``aggregator_native`` does); nothing else is meant to be overridden.
     """
 
-    #: Makes each thread's buffer: ``buffer_type(owner_thread, allowed)``.
-    buffer_type: Callable[[threading.Thread, int], Buffer[Any, Any]] = Buffer
+    #: Makes the calling thread's buffer: ``buffer_type(allowed)``.
+    buffer_type: Callable[[int], Buffer[Any, Any]] = Buffer
 
     def __init__(self, merge: Callable[[V, V], V], shards: int | None = None) -> None:
         self._merge = merge
@@ -105,7 +105,7 @@ class FreeThreadedStorage(Gatherer[K, V]):
 
     def _register(self) -> Buffer[K, V]:
         allowed = UNLIMITED if self._admit is None else 0
-        buffer: Buffer[K, V] = self.buffer_type(threading.current_thread(), allowed)
+        buffer: Buffer[K, V] = self.buffer_type(allowed)
         with self._locked("add()"):
             buffers, retired = self._accounts
             self._accounts = ((*buffers, buffer), retired)

@@ -70,14 +70,14 @@ class Buffer(Generic[K, V]):
     each ``add``. ``allowed`` is written under the engine's bound lock (BUF-1).
     """
 
-    __slots__ = ("_mark", "allowed", "busy", "lock", "merges", "owner", "state", "stored", "stranded")
+    __slots__ = ("_mark", "allowed", "busy", "lock", "merges", "state", "stored", "stranded")
 
     #: Whether the owner holds ``lock`` for the whole of each add (free-threaded builds), so
     #: that others take ``lock`` to keep it out; else they watch ``busy``. A compiled buffer
     #: that marks ``busy`` with atomic operations says ``False`` on every build.
     locked: ClassVar[bool] = FREE_THREADED_BUILD
 
-    def __init__(self, owner: threading.Thread, allowed: int) -> None:
+    def __init__(self, allowed: int) -> None:
         #: ``stored`` up to which the owner may store new records without asking the
         #: engine (BUF-1); written by the owner and, to revoke, by a flush.
         self.allowed = allowed
@@ -90,7 +90,6 @@ class Buffer(Generic[K, V]):
         self.busy = False  # the owner is inside add(), or inside a merge run on its behalf
         self.merges = 0
         self.stored = 0
-        self.owner = owner
         self._mark = this_threads_mark()  # made by the owner thread
 
     @property

@@ -85,6 +85,7 @@ PyWeakref_GetRef(PyObject *ref, PyObject **result)
 #endif
 
 static PyObject *allocate_lock; /* _thread.allocate_lock */
+static uint64_t next_core;      /* numbers the cores, from 1 */
 
 /* The calling thread's buffer of the core it added to last (borrowed). A core's number is
    never reused, so a number that matches names a live core, and the core keeps the buffer
@@ -153,7 +154,33 @@ this_threads_mark(void)
     Py_DECREF(mark);
     return ref;
 }
-static uint64_t next_core;      /* numbers each Core's key in the thread-state dicts */
+
+/* Stores ``value``'s truth into ``*flag`` (a setter's work); -1 with an error if it has none. */
+static int
+set_flag(int *flag, PyObject *value, const char *what)
+{
+    int truth = value == NULL ? -1 : PyObject_IsTrue(value);
+    if (truth < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "%s cannot be deleted", what);
+        }
+        return -1;
+    }
+    STORE(*flag, truth);
+    return 0;
+}
+
+/* Replaces ``*slot`` with ``value`` if it is of ``type`` exactly (a setter's work). */
+static int
+swap_object(PyObject **slot, PyObject *value, PyTypeObject *type, const char *what)
+{
+    if (value == NULL || !Py_IS_TYPE(value, type)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %s", what, type->tp_name);
+        return -1;
+    }
+    Py_DECREF(EXCHANGE(*slot, Py_NewRef(value)));
+    return 0;
+}
 
 /* -- Buffer -------------------------------------------------------------------------- */
 
@@ -162,7 +189,6 @@ typedef struct {
     PyObject *state;    /* (records: dict, stamps: list), replaced whole by takers */
     PyObject *stranded; /* list of older states; the same list object for good */
     PyObject *lock;     /* a threading.Lock: taken by the Python part's own merging only */
-    PyObject *owner;    /* the owner thread */
     PyObject *mark;     /* a weak reference to the owner thread's mark */
     PyObject *weakrefs;
     Py_ssize_t allowed; /* ``stored`` up to which the owner stores new records unasked */
@@ -190,17 +216,15 @@ new_state(void)
 static PyObject *
 buffer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *names[] = {"owner", "allowed", NULL};
-    PyObject *owner;
+    static char *names[] = {"allowed", NULL};
     Py_ssize_t allowed;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On:Buffer", names, &owner, &allowed)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:Buffer", names, &allowed)) {
         return NULL;
     }
     BufferObject *self = (BufferObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
         return NULL;
     }
-    self->owner = Py_NewRef(owner);
     self->allowed = allowed;
     self->state = new_state();
     self->stranded = PyList_New(0);
@@ -219,7 +243,6 @@ buffer_traverse(BufferObject *self, visitproc visit, void *arg)
     Py_VISIT(self->state);
     Py_VISIT(self->stranded);
     Py_VISIT(self->lock);
-    Py_VISIT(self->owner);
     Py_VISIT(self->mark);
     return 0;
 }
@@ -231,7 +254,6 @@ buffer_clear(BufferObject *self)
     Py_CLEAR(self->state);
     Py_CLEAR(self->stranded);
     Py_CLEAR(self->lock);
-    Py_CLEAR(self->owner);
     return 0;
 }
 
@@ -261,8 +283,7 @@ buffer_set_state(BufferObject *self, PyObject *value, void *closure)
         PyErr_SetString(PyExc_TypeError, "Buffer.state must be a (dict, list) tuple");
         return -1;
     }
-    Py_DECREF(EXCHANGE(self->state, Py_NewRef(value)));
-    return 0;
+    return swap_object(&self->state, value, &PyTuple_Type, "Buffer.state");
 }
 
 static PyObject *
@@ -291,15 +312,7 @@ buffer_get_busy(BufferObject *self, void *closure)
 static int
 buffer_set_busy(BufferObject *self, PyObject *value, void *closure)
 {
-    int busy = value == NULL ? -1 : PyObject_IsTrue(value);
-    if (busy < 0) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "Buffer.busy cannot be deleted");
-        }
-        return -1;
-    }
-    STORE(self->busy, busy);
-    return 0;
+    return set_flag(&self->busy, value, "Buffer.busy");
 }
 
 static PyObject *
@@ -365,14 +378,13 @@ static PyGetSetDef buffer_getset[] = {
 
 static PyMemberDef buffer_members[] = {
     {"lock", MEMBER_OBJECT, offsetof(BufferObject, lock), MEMBER_READONLY, "a threading.Lock"},
-    {"owner", MEMBER_OBJECT, offsetof(BufferObject, owner), MEMBER_READONLY, "the owner thread"},
     {NULL},
 };
 
 static PyTypeObject BufferType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "aggregator_native._native.Buffer",
-    .tp_doc = "One thread's records: Buffer(owner, allowed). See aggregator_freethreaded's Buffer.",
+    .tp_doc = "The calling thread's records: Buffer(allowed). See aggregator_freethreaded's Buffer.",
     .tp_basicsize = sizeof(BufferObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = buffer_new,
@@ -824,12 +836,7 @@ core_get_home(CoreObject *self, void *closure)
 static int
 core_set_home(CoreObject *self, PyObject *value, void *closure)
 {
-    if (value == NULL || !PyDict_CheckExact(value)) {
-        PyErr_SetString(PyExc_TypeError, "Core.home must be a dict");
-        return -1;
-    }
-    Py_DECREF(EXCHANGE(self->home, Py_NewRef(value)));
-    return 0;
+    return swap_object(&self->home, value, &PyDict_Type, "Core.home");
 }
 
 static PyObject *
@@ -861,15 +868,7 @@ core_get_closed(CoreObject *self, void *closure)
 static int
 core_set_closed(CoreObject *self, PyObject *value, void *closure)
 {
-    int closed = value == NULL ? -1 : PyObject_IsTrue(value);
-    if (closed < 0) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "Core.closed cannot be deleted");
-        }
-        return -1;
-    }
-    STORE(self->closed, closed);
-    return 0;
+    return set_flag(&self->closed, value, "Core.closed");
 }
 
 static PyObject *
@@ -882,12 +881,7 @@ static int
 core_set_buffers(CoreObject *self, PyObject *value, void *closure)
 {
     /* Set under the storage's _shared lock whenever it registers or drops a buffer. */
-    if (value == NULL || !PyTuple_CheckExact(value)) {
-        PyErr_SetString(PyExc_TypeError, "Core.buffers must be a tuple");
-        return -1;
-    }
-    Py_DECREF(EXCHANGE(self->buffers, Py_NewRef(value)));
-    return 0;
+    return swap_object(&self->buffers, value, &PyTuple_Type, "Core.buffers");
 }
 
 static PyGetSetDef core_getset[] = {
