@@ -66,6 +66,11 @@ def disown(aggregators: Iterable[BufferedAggregator[Any, Any]], parent: int) -> 
     here, so each is replaced, never waited for.
     """
     for aggregator in aggregators:
+        # A reference to the old storage's add kept before the fork (``add = agg.add``) must
+        # refuse too; stop_adds() returns at once (a close() could wait for a missing thread).
+        stop_adds = getattr(aggregator._storage, "stop_adds", None)
+        if stop_adds is not None:
+            stop_adds()
         storage: ForkedStorage[Any, Any] = ForkedStorage(parent)
         output: Output[Any] = Output(aggregator.max_pending)
         output.close()

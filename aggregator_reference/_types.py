@@ -274,7 +274,9 @@ class Storage(Protocol[K, V]):
         stays bounded while a slow ``merge`` is in flight. A storage may also
         offer ``stop_adds()``: the same refusal, returning at once without
         waiting; the engine calls it first, so that ``add`` is refused as soon
-        as ``shutdown()`` begins even when ``close`` has to wait (CLOSE-2, CLOSE-4).
+        as ``shutdown()`` begins even when ``close`` has to wait (CLOSE-2, CLOSE-4),
+        and in a child process after ``os.fork()``, so that a reference to
+        ``add`` kept from before the fork refuses too (LIFE-3).
         """
         ...
 

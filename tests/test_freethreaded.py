@@ -11,12 +11,19 @@ order statistically through the public API (test_add.py). Each test runs on
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from aggregator_freethreaded import FreeThreadedAggregator
+
+from aggregator_reference import AggregatorClosedError
 
 from .conftest import native_or_skip
 
@@ -217,3 +224,52 @@ def test_a_hash_failing_anywhere_loses_nothing_and_keeps_other_keys_in_order(
         for pool in pools:
             pool.shutdown()
     assert not problems, problems
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_kept_add_in_a_forked_child_refuses_without_the_lock_a_parent_thread_held(
+    aggregator_class: Any,
+) -> None:
+    # LIFE-3: ``add = agg.add`` taken before the fork must refuse in the child, even where the
+    # add would take ``_shared`` (here: registering the buffer of a thread new to the storage),
+    # which a thread of the parent held at the fork: no thread of the child will release it.
+    agg: Any = aggregator_class(merge, flush_interval=None)
+    add = agg.add
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(add, "k", [1]).result()  # the main thread has no buffer in this storage
+    shared = agg._storage._shared
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with shared:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() of a threaded process
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by its exit code
+            signal.alarm(10)  # a child waiting on the lock dies of SIGALRM
+            code = 3
+            try:
+                add("j", [1])
+                code = 1
+            except AggregatorClosedError:
+                code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        release.set()
+        holder.join(10)
+    outcomes = {0: "refused", 1: "accepted", 3: "raised something else", -signal.SIGALRM: "hung"}
+    exit_code = os.waitstatus_to_exitcode(done[1]) if done[0] else None
+    assert exit_code == 0, outcomes.get(exit_code, exit_code) if exit_code is not None else "still running"
+    agg.shutdown(timeout=10)
+    assert agg.drain() == [("k", [1])]

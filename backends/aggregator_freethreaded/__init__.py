@@ -103,7 +103,9 @@ class FreeThreadedStorage(Gatherer[K, V]):
 
     # -- the hot path ------------------------------------------------------------
 
-    def _register(self) -> Buffer[K, V]:
+    def _register(self, adding: bool = False) -> Buffer[K, V]:
+        if adding and self._closed:  # before _shared: in a forked child a missing thread may hold it
+            kit.refuse_closed("add()")
         allowed = UNLIMITED if self._admit is None else 0
         buffer: Buffer[K, V] = self.buffer_type(allowed)
         with self._locked("add()"):
@@ -139,7 +141,7 @@ class FreeThreadedStorage(Gatherer[K, V]):
         try:
             buffer: Buffer[K, V] = self._local.buffer
         except AttributeError:
-            buffer = self._register()
+            buffer = self._register(adding=True)
         if buffer.busy:
             kit.refuse_reentrant("add()")
         held = buffer.lock  # not taken: named so that a wait from inside merge is bounded (kit)
@@ -179,7 +181,7 @@ class FreeThreadedStorage(Gatherer[K, V]):
         try:
             buffer: Buffer[K, V] = self._local.buffer
         except AttributeError:
-            buffer = self._register()
+            buffer = self._register(adding=True)
         held = buffer.lock
         if not held.acquire(False):
             kit.finish_acquire(held, "add()")
