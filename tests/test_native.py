@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 import warnings
 import weakref
@@ -241,3 +242,79 @@ def test_add_kept_after_its_aggregator_is_gone_refuses_instead_of_losing_records
     for call in calls:
         with pytest.raises(ar.AggregatorClosedError):
             call()
+
+
+def test_the_probe_runs_while_other_threads_make_and_drop_storages() -> None:
+    # THREAD-1: the probe (asked whenever a call checks for user code, REENTRY-1) walks the
+    # storages alive while other threads drop theirs; it must never raise out of that call.
+    stop = threading.Event()
+    made = [0]
+    _alive = [native.NativeStorage(lambda a, b: a + b) for _ in range(1000)]  # a long walk
+
+    def churn() -> None:
+        while not stop.is_set():
+            storage = native.NativeStorage(lambda a, b: a + b)
+            del storage  # it leaves the probe's registry now, from this thread
+            made[0] += 1
+
+    threads = [threading.Thread(target=churn, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    errors: list[BaseException] = []
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not errors:
+            try:
+                kit.callback_timeout()
+            except Exception as exc:
+                errors.append(exc)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert made[0] > 0
+    assert not errors, f"the probe raised {errors[0]!r} ({made[0]} aggregators made meanwhile)"
+
+
+_RACE_ATTRIBUTES = """
+import sys, threading, time
+import aggregator_native as native
+
+storage = native.NativeStorage(lambda a, b: a + b)
+core, buffer = storage._core, native._native.Buffer(0)
+stop = threading.Event()
+wrong = []
+
+def rebind():
+    i = 0
+    while not stop.is_set():  # each value new, so that the one replaced dies at once
+        core.buffers = (object(), i)
+        core.home = {i: object()}
+        buffer.state = ({i: object()}, [i])
+        i += 1
+
+def read():
+    while not stop.is_set():
+        got = (core.buffers, core.home, buffer.state)
+        if [type(value) for value in got] != [tuple, dict, tuple]:
+            wrong.append(got)
+            return
+
+threads = [threading.Thread(target=rebind), threading.Thread(target=read)]
+for thread in threads:
+    thread.start()
+time.sleep(1)
+stop.set()
+for thread in threads:
+    thread.join()
+print("wrong" if wrong else "ok")
+"""
+
+
+def test_attributes_read_while_another_thread_rebinds_them() -> None:
+    # THREAD-1: the Python part rebinds a core's and a buffer's objects; a getter racing a
+    # setter must never hand out an object the setter has just released (a crash on 3.13t).
+    result = subprocess.run(
+        [sys.executable, "-c", _RACE_ATTRIBUTES], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr[-2000:]

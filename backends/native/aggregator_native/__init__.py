@@ -38,9 +38,11 @@ V = TypeVar("V")
 #: Whether this build of the module runs with the GIL disabled (free-threaded CPython).
 FREE_THREADED = bool(_native.FREE_THREADED)
 
-# Storages alive, for the probe below; guarded by _live_lock. Reentrant: the collector may
-# finalize an aggregator (whose finalizer asks the probe) while this thread holds it.
-_live: weakref.WeakSet[NativeStorage[Any, Any]] = weakref.WeakSet()
+# Storages alive, for the probe below, weakly: each reference leaves the set as its storage
+# dies (from whichever thread drops it; a set's own operations are atomic, also without the
+# GIL). Additions are guarded by _live_lock; reentrant: the collector may finalize an
+# aggregator (whose finalizer asks the probe) while this thread holds it.
+_live: set[weakref.ref[NativeStorage[Any, Any]]] = set()
 _live_lock = threading.RLock()
 
 
@@ -60,11 +62,14 @@ def _held_by_this_thread() -> Iterator[tuple[object, Any]]:
     ``__hash__``/``__eq__``): user code that may call back into an aggregator.
     """
     with _live_lock:
-        storages = list(_live)
-    for storage in storages:
+        refs = list(_live)  # one step: a loop over the set itself would race removals
+    for ref in refs:
+        storage = ref()
+        if storage is None:
+            continue  # dropped meanwhile
         try:
             buffer = storage._core.buffer
-        except AttributeError:
+        except AttributeError:  # this thread has no buffer there
             continue
         if buffer.busy:
             yield storage, buffer.lock
@@ -90,7 +95,7 @@ class NativeStorage(FreeThreadedStorage[K, V]):
         this = weakref.ref(self)
 
         def register() -> Any:
-            return _alive(this)._register()
+            return _alive(this)._register(adding=True)
 
         def from_home(buffer: Any, key: K, value: V) -> bool:
             return _alive(this)._add_from_home(buffer, key, value)
@@ -104,7 +109,7 @@ class NativeStorage(FreeThreadedStorage[K, V]):
         self.add = core.add
         self.add_many = core.add_many  # the engine binds it as the aggregator's (ADD-7)
         with _live_lock:
-            _live.add(self)
+            _live.add(weakref.ref(self, _live.discard))
 
     # The state the compiled add reads lives in the core; the Python part reaches it here.
     @property

@@ -170,15 +170,39 @@ set_flag(int *flag, PyObject *value, const char *what)
     return 0;
 }
 
+/* Getters and setters of an object slot run in a critical section of its owner: without
+   one, a getter could take a new reference to an object that a setter has just released
+   (free-threaded builds; the GIL does this elsewhere). Adds read the slots without it, by
+   the rules at the top. */
+#ifndef Py_BEGIN_CRITICAL_SECTION
+#define Py_BEGIN_CRITICAL_SECTION(op) {
+#define Py_END_CRITICAL_SECTION() }
+#endif
+
+/* A new reference to ``*slot`` (a getter's work). */
+static PyObject *
+get_object(PyObject *owner, PyObject **slot)
+{
+    PyObject *value;
+    Py_BEGIN_CRITICAL_SECTION(owner);
+    value = Py_NewRef(LOAD(*slot));
+    Py_END_CRITICAL_SECTION();
+    return value;
+}
+
 /* Replaces ``*slot`` with ``value`` if it is of ``type`` exactly (a setter's work). */
 static int
-swap_object(PyObject **slot, PyObject *value, PyTypeObject *type, const char *what)
+swap_object(PyObject *owner, PyObject **slot, PyObject *value, PyTypeObject *type, const char *what)
 {
     if (value == NULL || !Py_IS_TYPE(value, type)) {
         PyErr_Format(PyExc_TypeError, "%s must be a %s", what, type->tp_name);
         return -1;
     }
-    Py_DECREF(EXCHANGE(*slot, Py_NewRef(value)));
+    PyObject *old;
+    Py_BEGIN_CRITICAL_SECTION(owner);
+    old = EXCHANGE(*slot, Py_NewRef(value));
+    Py_END_CRITICAL_SECTION();
+    Py_DECREF(old); /* outside: its finalizer may run any code */
     return 0;
 }
 
@@ -271,7 +295,7 @@ buffer_dealloc(BufferObject *self)
 static PyObject *
 buffer_get_state(BufferObject *self, void *closure)
 {
-    return Py_NewRef(LOAD(self->state));
+    return get_object((PyObject *)self, &self->state);
 }
 
 static int
@@ -283,7 +307,7 @@ buffer_set_state(BufferObject *self, PyObject *value, void *closure)
         PyErr_SetString(PyExc_TypeError, "Buffer.state must be a (dict, list) tuple");
         return -1;
     }
-    return swap_object(&self->state, value, &PyTuple_Type, "Buffer.state");
+    return swap_object((PyObject *)self, &self->state, value, &PyTuple_Type, "Buffer.state");
 }
 
 static PyObject *
@@ -830,13 +854,13 @@ core_set_buffer(CoreObject *self, PyObject *value, void *closure)
 static PyObject *
 core_get_home(CoreObject *self, void *closure)
 {
-    return Py_NewRef(LOAD(self->home));
+    return get_object((PyObject *)self, &self->home);
 }
 
 static int
 core_set_home(CoreObject *self, PyObject *value, void *closure)
 {
-    return swap_object(&self->home, value, &PyDict_Type, "Core.home");
+    return swap_object((PyObject *)self, &self->home, value, &PyDict_Type, "Core.home");
 }
 
 static PyObject *
@@ -874,14 +898,14 @@ core_set_closed(CoreObject *self, PyObject *value, void *closure)
 static PyObject *
 core_get_buffers(CoreObject *self, void *closure)
 {
-    return Py_NewRef(LOAD(self->buffers));
+    return get_object((PyObject *)self, &self->buffers);
 }
 
 static int
 core_set_buffers(CoreObject *self, PyObject *value, void *closure)
 {
     /* Set under the storage's _shared lock whenever it registers or drops a buffer. */
-    return swap_object(&self->buffers, value, &PyTuple_Type, "Core.buffers");
+    return swap_object((PyObject *)self, &self->buffers, value, &PyTuple_Type, "Core.buffers");
 }
 
 static PyGetSetDef core_getset[] = {
