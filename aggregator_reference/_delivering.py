@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -39,6 +40,15 @@ def check_delivery_arguments(sink: object, batch_size: object, max_wait: object,
 
 #: Guards every aggregator's ``_deliveries`` (rarely written: once per ``deliver()``).
 _deliveries_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _deliveries_lock
+    _deliveries_lock = threading.Lock()  # the thread that may have held it is not in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Delivering(Generic[K, V]):

@@ -8,7 +8,6 @@ from collections.abc import Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from ._errors import AggregatorClosedError
-from ._output import Output
 from ._pacing import Pacer
 
 if TYPE_CHECKING:
@@ -72,12 +71,10 @@ def disown(aggregators: Iterable[BufferedAggregator[Any, Any]], parent: int) -> 
         if stop_adds is not None:
             stop_adds()
         storage: ForkedStorage[Any, Any] = ForkedStorage(parent)
-        output: Output[Any] = Output(aggregator.max_pending)
-        output.close()
         aggregator._storage = storage
         aggregator.add = storage.add
         aggregator.__dict__.pop("add_many", None)  # the engine's, which calls add
-        aggregator._output = output
+        aggregator._output.abandon()  # its records are the parent's; consumers begun end at once
         aggregator._flush_lock = threading.Lock()
         aggregator._closer_lock = threading.Lock()
         aggregator._closer = None

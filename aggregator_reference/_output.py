@@ -204,3 +204,19 @@ class Output(Generic[T]):
             self._not_empty.notify_all()
             self._not_full.notify_all()
             self._wake_loops()
+
+    def abandon(self) -> None:
+        """In a child process after ``os.fork()``: drop every item (the parent's) and close.
+
+        Only the forking thread exists there: the mutex may be held by a thread
+        that is gone, so it is replaced, never waited for. A consumer started
+        before the fork ends at once, delivering nothing twice (LIFE-3).
+        """
+        self._mutex = threading.Lock()
+        self._not_empty = threading.Condition(self._mutex)
+        self._not_full = threading.Condition(self._mutex)
+        self._items.clear()
+        self._arrivals.clear()
+        self._waiters = []
+        self._room_waiters = 0
+        self._closed = True

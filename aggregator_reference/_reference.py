@@ -48,6 +48,8 @@ class ReferenceStorage(Generic[K, V]):
         """Merge ``value`` into ``key``'s record or store it; see :meth:`Aggregator.add`."""
         held = self._lock
         if not held.acquire(False):
+            if self._closed:  # at once: in a forked child, a thread that is gone may hold it (LIFE-3)
+                kit.refuse_closed("add()")
             kit.finish_acquire(held, "add()")
         try:
             if self._closed:

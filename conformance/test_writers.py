@@ -1,12 +1,9 @@
-"""add_many (ADD-7) and aggregators across os.fork() (LIFE-3)."""
+"""add_many (ADD-7)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import operator
-import os
 import threading
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -80,77 +77,3 @@ def test_add_many_from_many_threads_gives_exact_totals(make: Factory) -> None:
         thread.join(60)
     got.update(shutdown_collecting(agg))
     assert got == Counter(dict.fromkeys(range(50), 4 * 40))
-
-
-def _in_a_new_thread(call: Any, *args: Any) -> None:
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            call(*args)
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive(), "the call did not return within 30 s"
-    if raised:
-        raise raised[0]
-
-
-def _child(agg: Any, backend_name: str, results: Any, kept: dict[str, Any]) -> None:
-    report: dict[str, Any] = {"len": len(agg), "closed": agg.closed, "pending": agg.pending}
-    try:
-        agg.add("a", 1)
-        report["add"] = "accepted"
-    except ar.AggregatorClosedError as exc:
-        report["add"] = str(exc)
-    for name, call in kept.items():  # references taken in the parent, before the fork
-        try:
-            call()
-            report[name] = "accepted"
-        except ar.AggregatorClosedError:
-            report[name] = "refused"
-    report["records"] = list(agg.records())
-    agg.shutdown()
-    own = ar.create(operator.add, backend=backend_name, flush_interval=0.01)
-    own.add("child", 1)
-    own.add("child", 2)
-    own.shutdown()
-    report["own"] = own.drain()
-    results.put(report)
-
-
-@pytest.mark.clause("LIFE-3", "LIFE-1", "CLOSE-5")
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
-def test_a_forked_child_cannot_deliver_the_parents_records(backend_name: str) -> None:
-    agg = ar.create(operator.add, backend=backend_name, flush_interval=0.01, max_pending=2)
-    for key in "abcde":
-        agg.add(key, 1)  # some flushed into the output, the rest buffered
-    add, add_many = agg.add, agg.add_many  # kept, as a hot loop keeps them
-    kept = {
-        "kept add": lambda: add("a", 1),
-        "kept add_many": lambda: add_many([("new", 1)]),
-        "kept add, new key": lambda: add("new", 1),
-        "kept add, new thread": lambda: _in_a_new_thread(add, "new", 1),
-    }
-    context = multiprocessing.get_context("fork")
-    results = context.SimpleQueue()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() of a threaded process
-        child = context.Process(target=_child, args=(agg, backend_name, results, kept))
-        child.start()
-    child.join(60)
-    if child.is_alive():
-        child.kill()
-    assert child.exitcode == 0, f"the child failed (exit code {child.exitcode})"
-    report = results.get()
-    assert (report["len"], report["closed"], report["pending"], report["records"]) == (0, True, 0, [])
-    assert "parent" in report["add"], report["add"]
-    assert "create" in report["add"], report["add"]
-    assert report["own"] == [("child", 3)]
-    assert {name: report[name] for name in kept} == dict.fromkeys(kept, "refused")
-    for key in "ab":
-        agg.add(key, 1)  # the parent's aggregator is unaffected
-    assert shutdown_collecting(agg) == {"a": 2, "b": 2, "c": 1, "d": 1, "e": 1}

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import operator
+import os
 import signal
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -240,3 +244,63 @@ def test_ctrl_c_while_exit_waits_stops_waiting_and_says_what_was_left() -> None:
     assert "interrupted" in stderr, stderr
     assert "4 record(s) pending in the output, 6 key(s) still buffered" in stderr, stderr
     assert "Traceback" not in stderr, stderr
+
+
+class _Sink:
+    def write(self, batch: list[tuple[str, int]], batch_id: int) -> None:
+        pass
+
+
+def _create_and_shut_down() -> None:
+    agg = ar.create(operator.add, backend="reference", flush_interval=None)
+    agg.add("k", 1)
+    agg.shutdown()
+
+
+def _deliver_and_shut_down() -> None:
+    agg = ar.create(operator.add, backend="reference", flush_interval=None)
+    agg.deliver(_Sink())
+    agg.add("k", 1)
+    agg.shutdown()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+@pytest.mark.parametrize(
+    ("lock", "work"),
+    [("_registry._lock", _create_and_shut_down), ("_delivering._deliveries_lock", _deliver_and_shut_down)],
+)
+def test_a_child_forked_while_a_module_lock_was_held_can_use_aggregators(lock: str, work: Any) -> None:
+    # LIFE-3: "Aggregators the child creates work as anywhere else", also when another thread of
+    # the parent held one of the package's module locks at the fork (nobody releases it there).
+    module, name = lock.split(".")
+    held_lock = getattr(importlib.import_module(f"aggregator_reference.{module}"), name)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with held_lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() of a threaded process
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by its exit code
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
+            signal.alarm(10)  # a child waiting on the lock dies of SIGALRM
+            code = 1
+            try:
+                work()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join(10)
+    code = os.waitstatus_to_exitcode(status)
+    assert code != -signal.SIGALRM, f"the child hung on {lock} (killed by its alarm)"
+    assert code == 0, "the child raised"

@@ -227,17 +227,24 @@ def test_a_hash_failing_anywhere_loses_nothing_and_keeps_other_keys_in_order(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+@pytest.mark.parametrize("lock", ["_shared", "this thread's buffer lock"])
 def test_a_kept_add_in_a_forked_child_refuses_without_the_lock_a_parent_thread_held(
-    aggregator_class: Any,
+    aggregator_class: Any, lock: str
 ) -> None:
     # LIFE-3: ``add = agg.add`` taken before the fork must refuse in the child, even where the
-    # add would take ``_shared`` (here: registering the buffer of a thread new to the storage),
-    # which a thread of the parent held at the fork: no thread of the child will release it.
+    # add would take a lock that a thread of the parent held at the fork (no thread of the
+    # child will release it): ``_shared`` (registering the buffer of a thread new to the
+    # storage), or the adding thread's own buffer lock (taken by adds on free-threaded builds;
+    # a read or a flush in another thread holds it for a moment).
     agg: Any = aggregator_class(merge, flush_interval=None)
     add = agg.add
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(add, "k", [1]).result()  # the main thread has no buffer in this storage
-    shared = agg._storage._shared
+    if lock == "_shared":
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(add, "k", [1]).result()  # the main thread has no buffer in this storage
+        shared = agg._storage._shared
+    else:
+        add("k", [1])
+        shared = agg._storage._local.buffer.lock
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -253,6 +260,7 @@ def test_a_kept_add_in_a_forked_child_refuses_without_the_lock_a_parent_thread_h
             warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() of a threaded process
             pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports by its exit code
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout\'s handler
             signal.alarm(10)  # a child waiting on the lock dies of SIGALRM
             code = 3
             try:

@@ -191,6 +191,7 @@ def test_a_child_forked_while_another_thread_is_in_the_probe_can_make_aggregator
             warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
             pid = os.fork()
         if pid == 0:  # the child: exits with 0 only if it could use a new aggregator
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout\'s handler
             signal.alarm(10)
             agg = ar.create(lambda a, b: a + b, backend="native", flush_interval=None)
             agg.add("k", 1)

@@ -184,6 +184,8 @@ class FreeThreadedStorage(Gatherer[K, V]):
             buffer = self._register(adding=True)
         held = buffer.lock
         if not held.acquire(False):
+            if self._closed:  # at once: in a forked child, a thread that is gone may hold it (LIFE-3)
+                kit.refuse_closed("add()")
             kit.finish_acquire(held, "add()")
         try:
             if self._closed:
