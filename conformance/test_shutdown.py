@@ -20,6 +20,10 @@ from ._waits import call_bounded
 from .conftest import Factory, fold_records, run_threads, shutdown_collecting
 from .test_exit import run_child
 
+#: CLOSE-4's "within about t" for ``timeout=0.1``: the room a loaded machine needs to run the
+#: waiting thread again, far below what a wait that ignores the timeout takes (seconds).
+ABOUT_A_TENTH = 2.0
+
 
 @pytest.mark.clause("CLOSE-1")
 def test_shutdown_flushes_everything_then_closes(make: Factory) -> None:
@@ -128,7 +132,8 @@ def test_shutdown_timeout_with_a_stalled_consumer_loses_nothing(make: Factory) -
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         agg.shutdown(timeout=0.1)
-    assert time.monotonic() - started < 10
+    waited = time.monotonic() - started
+    assert waited < ABOUT_A_TENTH, f"shutdown(timeout=0.1) returned after {waited:.1f} s"
     assert not agg.closed
     assert agg.pending == 2
     assert len(agg) == 8
@@ -193,7 +198,7 @@ def test_shutdown_timeout_bounds_a_merge_in_flight(make: Factory) -> None:
         waited = time.monotonic() - started
         release.set()
         assert adding.result(10) is True  # it returned, so it must be delivered (CLOSE-2)
-    assert waited < 5, f"shutdown(timeout=0.1) returned after {waited:.1f} s, while merge ran on"
+    assert waited < ABOUT_A_TENTH, f"shutdown(timeout=0.1) returned after {waited:.1f} s, while merge ran on"
     assert not agg.closed
 
     with pytest.raises(ar.AggregatorClosedError):
