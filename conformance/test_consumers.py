@@ -132,6 +132,30 @@ def test_a_batch_asked_for_late_still_waits_out_the_rest_of_max_wait(make: Facto
     assert came - before >= 2.0 - 0.01, f"the batch went out {came - before:.2f} s after arriving"
 
 
+@pytest.mark.clause("OUT-5")
+def test_max_wait_counts_from_the_oldest_record_left_by_records_taken_one_at_a_time(
+    make: Factory,
+) -> None:
+    # Records taken one at a time leave the clock of those still waiting as it was; once all of
+    # a flush's records are taken, the next flush's arrival starts the clock anew.
+    agg = make(max_pending=100, flush_interval=None)
+    fill(agg, range(2))
+    records = agg.records()
+    first = [next(records), next(records)]  # the first flush's, one at a time
+    time.sleep(0.5)
+    before = time.monotonic()
+    fill(agg, range(2, 5))
+    first.append(next(records))  # one of the second flush's
+    consumer, got = first_batch_at(agg, max_size=100, max_wait=1.0)
+    consumer.join(10)
+    assert not consumer.is_alive(), "a batch due by max_wait never went out"
+    [(batch, came)] = got
+    assert len(batch) == 2
+    assert came - before >= 1.0 - 0.01, f"the batch went out {came - before:.2f} s after its records came"
+    agg.shutdown()
+    assert sorted(first + batch + agg.drain()) == [(key, 1) for key in range(5)]
+
+
 @pytest.mark.clause("OUT-5", "OUT-4")
 def test_records_stay_in_the_output_until_their_batch_is_yielded(make: Factory) -> None:
     agg = make(max_pending=100)
