@@ -23,6 +23,9 @@ from .test_exit import run_child
 #: CLOSE-4's "within about t" for ``timeout=0.1``: the room a loaded machine needs to run the
 #: waiting thread again, far below what a wait that ignores the timeout takes (seconds).
 ABOUT_A_TENTH = 2.0
+#: CLOSE-1/CLOSE-6's "without spinning": the CPU a waiting shutdown() may use, as a share of the
+#: wall time it waits (measured: at most 5%, with a periodic flusher ticking every 10 ms).
+WAITING_CPU = 0.1
 
 
 @pytest.mark.clause("CLOSE-1")
@@ -250,8 +253,9 @@ def test_shutdown_waits_for_a_stalled_consumer_without_spinning(make: Factory) -
         agg.shutdown(timeout=1.0)
     cpu, wall = time.process_time() - cpu, time.monotonic() - wall
     assert wall >= 0.9
-    # A waiting shutdown sleeps; one that polls burns a core (cpu close to wall).
-    assert cpu < 0.3 * wall, f"shutdown used {cpu:.2f} s of CPU in {wall:.2f} s while waiting"
+    # A waiting shutdown sleeps (measured: under 1% of the wall time); one that polls burns a
+    # core, and one that wakes every 0.1 ms a fifth of one.
+    assert cpu < WAITING_CPU * wall, f"shutdown used {cpu:.2f} s of CPU in {wall:.2f} s while waiting"
     assert shutdown_collecting(agg) == dict.fromkeys(range(5), 1)
 
 
@@ -486,7 +490,7 @@ def test_shutdown_waits_for_an_add_in_flight_without_spinning(make: Factory) -> 
     assert wall >= 0.5, f"shutdown() returned after {wall:.2f} s, before the add in flight did"
     # A waiting shutdown sleeps (the sleeping merge costs no CPU); one that polls, even with
     # time.sleep(0) between looks, burns a third of a core or more.
-    assert cpu < 0.2 * wall, f"shutdown used {cpu:.2f} s of CPU in {wall:.2f} s while waiting"
+    assert cpu < WAITING_CPU * wall, f"shutdown used {cpu:.2f} s of CPU in {wall:.2f} s while waiting"
     assert agg.drain() == [("k", 3)]
 
 
