@@ -181,6 +181,53 @@ def test_periodic_tick_is_skipped_while_a_flush_runs(
     assert any("skipped" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
 
 
+class StallOnError(logging.Handler):
+    """Holds the thread ``stall_in`` at its ERROR records, until ``go`` is set."""
+
+    def __init__(
+        self, stall_in: threading.Thread, entered: threading.Event, release: threading.Event
+    ) -> None:
+        super().__init__()
+        self.stall_in, self.entered, self.go = stall_in, entered, release
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR and threading.current_thread() is self.stall_in:
+            self.entered.set()
+            self.go.wait(30)
+
+
+@pytest.mark.clause("FLUSH-4", "FLUSH-5")
+def test_a_manual_flush_waits_for_the_one_running(make: Factory, gates: Any) -> None:
+    # The first flush stalls after the storage let go of everything: in the ERROR it logs for a
+    # record it could not re-queue (its key's hash raised). Only the flush itself is running then.
+    entered, release = gates
+    agg = make(operator.add, max_pending=1)
+    agg.add("first", 1)
+    agg.add(GatedKey("second", entered, release), 1)
+    stalled = threading.Thread(target=agg.flush, daemon=True)
+    handler = StallOnError(stalled, entered, release)
+    logging.getLogger("aggregator_reference").addHandler(handler)
+    try:
+        GatedKey.raising = True
+        stalled.start()
+        assert entered.wait(10), "the flush logged no ERROR for the record it could not re-queue"
+        GatedKey.raising = False
+        agg.add("third", 1)
+        second = threading.Thread(target=agg.flush, daemon=True)
+        second.start()
+        second.join(0.3)
+        waited = second.is_alive()
+        release.set()
+        stalled.join(10)
+        second.join(10)
+    finally:
+        logging.getLogger("aggregator_reference").removeHandler(handler)
+    assert not stalled.is_alive(), "the first flush did not finish: deadlock?"
+    assert not second.is_alive(), "the second flush did not finish: deadlock?"
+    assert waited, "a second flush() ran while another was running"
+    assert sorted(shutdown_collecting(agg).values()) == [1, 1, 1]
+
+
 @pytest.mark.clause("FLUSH-4")
 def test_manual_flushes_never_overlap(make: Factory) -> None:
     agg = make(operator.add, flush_interval=0.001)
