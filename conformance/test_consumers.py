@@ -156,6 +156,23 @@ def test_max_wait_counts_from_the_oldest_record_left_by_records_taken_one_at_a_t
     assert sorted(first + batch + agg.drain()) == [(key, 1) for key in range(5)]
 
 
+@pytest.mark.clause("OUT-5")
+def test_max_wait_counts_from_the_oldest_of_several_flushes_waiting(make: Factory) -> None:
+    agg = make(max_pending=100, flush_interval=None)
+    first = time.monotonic()
+    fill(agg, range(2))
+    time.sleep(1.0)
+    fill(agg, range(2, 4))  # a second arrival, 1 s younger
+    consumer, got = first_batch_at(agg, max_size=100, max_wait=1.5)
+    consumer.join(10)
+    assert not consumer.is_alive(), "a batch due by max_wait never went out"
+    [(batch, came)] = got
+    assert sorted(batch) == [(key, 1) for key in range(4)]
+    waited = came - first
+    # Due 1.5 s after the oldest record came; 2.5 s if timed from the younger ones.
+    assert 1.5 - 0.01 <= waited < 2.2, f"the batch went out {waited:.2f} s after its oldest record came"
+
+
 @pytest.mark.clause("OUT-5", "OUT-4")
 def test_records_stay_in_the_output_until_their_batch_is_yielded(make: Factory) -> None:
     agg = make(max_pending=100)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from ._waits import call_bounded
 from .conftest import Factory, run_threads
 
 
@@ -203,3 +204,14 @@ def test_shutdown_waits_without_spinning_on_an_output_past_max_pending(overflowi
     assert overflowing.stats().flushes - before < 50
     assert overflowing.pending == 4
     assert len(overflowing) == 1
+
+
+@pytest.mark.clause("OUT-5", "FLUSH-5")
+def test_a_batch_goes_out_at_once_from_an_output_past_max_pending(overflowing: Any) -> None:
+    # Full means max_pending records wait *or more*: nothing more can come until some are taken.
+    batch = call_bounded(
+        lambda: next(overflowing.batches(max_size=100, max_wait=1e6)),
+        10,
+        "a batch from an overflowing output",
+    )
+    assert len(batch) == 4
