@@ -167,7 +167,7 @@ SPIN_TRIES = 100
 INTERRUPT_SLICE = 0.05
 
 
-def finish_acquire(lock: Any, call: str = "this call") -> None:
+def finish_acquire(lock: Any, call: str = "this call", *, closed: bool = False) -> None:
     """Take ``lock`` after ``lock.acquire(False)`` failed, without a lock convoy or a silent deadlock.
 
     With the GIL, a thread that sleeps in the kernel on a contended lock turns
@@ -191,15 +191,23 @@ def finish_acquire(lock: Any, call: str = "this call") -> None:
     thread holds (merges calling each other's keys), and one of the two must
     give way.
 
+    ``closed``: the caller's storage refuses adds now; then an ``add`` that is
+    not a call back from its own ``merge`` is refused at once instead of
+    waiting: in a child process after ``os.fork()`` the holder may be a
+    thread that is gone (LIFE-3).
+
     Raises:
         ReentrantMergeError: a frame marked with :func:`holds_locks` further up
             this thread's stack holds ``lock`` (the call comes from inside a
             ``merge``, or key method, that the storage is running), or holds
             another lock and ``lock`` stayed taken for :data:`CALLBACK_WAIT` s.
+        AggregatorClosedError: ``closed``, and not the first case.
     """
     held = _locks_held(sys._getframe(1).f_back)  # the frame that failed to acquire holds nothing yet
     if any(lock is h for h in held):
         refuse_reentrant(call)
+    if closed:
+        refuse_closed(call)
     if getattr(sys, "_is_gil_enabled", lambda: True)():
         for _ in range(SPIN_TRIES):
             time.sleep(0)

@@ -48,9 +48,7 @@ class ReferenceStorage(Generic[K, V]):
         """Merge ``value`` into ``key``'s record or store it; see :meth:`Aggregator.add`."""
         held = self._lock
         if not held.acquire(False):
-            if self._closed:  # at once: in a forked child, a thread that is gone may hold it (LIFE-3)
-                kit.refuse_closed("add()")
-            kit.finish_acquire(held, "add()")
+            kit.finish_acquire(held, "add()", closed=self._closed)
         try:
             if self._closed:
                 kit.refuse_closed("add()")

@@ -506,3 +506,39 @@ def test_shutdown_with_timeout_zero_succeeds_when_nothing_has_to_wait(make: Fact
         agg.shutdown(timeout=0)
         assert agg.closed
         assert sorted(agg.drain()) == [(0, 1), (1, 1), (2, 1)]
+
+
+@pytest.mark.clause("REENTRY-1", "CLOSE-2")
+def test_add_of_the_key_being_merged_stays_reentrant_after_shutdown_began(make: Factory) -> None:
+    # Refusing adds once shutdown() began (CLOSE-2) does not change what an add of the key being
+    # merged, from inside that merge, raises: ReentrantMergeError, at once (REENTRY-1).
+    inside, go = threading.Event(), threading.Event()
+    raised: list[str] = []
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming < 0:
+            inside.set()
+            go.wait(10)
+            try:
+                agg.add("k", 5)
+                raised.append("nothing")
+            except Exception as exc:
+                raised.append(type(exc).__name__)
+            return stored
+        return stored + incoming
+
+    agg = make(merge)
+
+    def write() -> None:
+        agg.add("k", 1)
+        agg.add("k", -1)
+
+    with ThreadPoolExecutor(1) as writer:
+        adding = writer.submit(write)
+        assert inside.wait(10), "merge was not called"
+        with pytest.raises(TimeoutError):
+            agg.shutdown(timeout=0.1)  # begun: adds are refused from now on
+        go.set()
+        adding.result(10)
+    assert raised == ["ReentrantMergeError"]
+    assert shutdown_collecting(agg) == {"k": 1}

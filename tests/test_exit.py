@@ -247,7 +247,7 @@ def test_ctrl_c_while_exit_waits_stops_waiting_and_says_what_was_left() -> None:
 
 
 class _Sink:
-    def write(self, batch: list[tuple[str, int]], batch_id: int) -> None:
+    def write(self, batch: list[tuple[Any, Any]], batch_id: str, /) -> None:
         pass
 
 

@@ -77,9 +77,7 @@ class ShardedStorage(Generic[K, V]):
         shard = self._shards[hash(key) & self._mask]
         held = shard.lock
         if not held.acquire(False):
-            if shard.closed:  # at once: in a forked child, a thread that is gone may hold it (LIFE-3)
-                kit.refuse_closed("add()")
-            kit.finish_acquire(held, "add()")
+            kit.finish_acquire(held, "add()", closed=shard.closed)
         try:
             if shard.closed:
                 kit.refuse_closed("add()")

@@ -54,9 +54,7 @@ class StripedStorage(Generic[K, V]):
         stripe = hash(key) & self._mask
         held = self._stripes[stripe]
         if not held.acquire(False):
-            if self._closed:  # at once: in a forked child, a thread that is gone may hold it (LIFE-3)
-                kit.refuse_closed("add()")
-            kit.finish_acquire(held, "add()")
+            kit.finish_acquire(held, "add()", closed=self._closed)
         try:
             if self._closed:
                 kit.refuse_closed("add()")
