@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import threading
+import time
+import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -29,6 +33,50 @@ def native_or_skip() -> ModuleType:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return aggregator_native
+
+
+def fork_while_held(lock: Any, work: Callable[[], int]) -> int | None:
+    """Fork while another thread holds ``lock``; the child exits with what ``work()`` returns.
+
+    In the child nobody will release ``lock`` (LIFE-3's case). The child restores
+    SIGALRM's default action (not pytest-timeout's handler, which would turn a
+    hang into an exception) and dies of it after 10 s: a child that waited for
+    the lock reports ``-signal.SIGALRM``; one whose ``work`` raised, 3. Returns
+    the child's exit code, or ``None`` if it still ran after 30 s (it is killed).
+    """
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10), "the holding thread never took the lock"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() of a threaded process
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by its exit code
+            code = 3
+            try:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(10)
+                code = work()
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not done[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        return os.waitstatus_to_exitcode(done[1])
+    finally:
+        release.set()
+        holder.join(10)
 
 
 def _unavailable() -> str | None:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,8 @@ import pytest
 import aggregator_reference as ar
 from aggregator_reference import _exit
 from conformance.test_exit import child_env, run_child
+
+from .conftest import fork_while_held
 
 #: Seconds a child interpreter gets to exit before the test fails.
 CHILD_LIMIT = 60.0
@@ -274,33 +275,11 @@ def test_a_child_forked_while_a_module_lock_was_held_can_use_aggregators(lock: s
     # the parent held one of the package's module locks at the fork (nobody releases it there).
     module, name = lock.split(".")
     held_lock = getattr(importlib.import_module(f"aggregator_reference.{module}"), name)
-    held, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with held_lock:
-            held.set()
-            release.wait(60)
+    def in_child() -> int:
+        work()
+        return 0
 
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    assert held.wait(10)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() of a threaded process
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports by its exit code
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
-            signal.alarm(10)  # a child waiting on the lock dies of SIGALRM
-            code = 1
-            try:
-                work()
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        release.set()
-        holder.join(10)
-    code = os.waitstatus_to_exitcode(status)
+    code = fork_while_held(held_lock, in_child)
     assert code != -signal.SIGALRM, f"the child hung on {lock} (killed by its alarm)"
     assert code == 0, "the child raised"

@@ -13,9 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
-import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,7 +22,7 @@ from aggregator_freethreaded import FreeThreadedAggregator
 
 from aggregator_reference import AggregatorClosedError
 
-from .conftest import native_or_skip
+from .conftest import fork_while_held, native_or_skip
 
 
 def merge(stored: list[Any], incoming: list[Any]) -> list[Any]:
@@ -245,39 +242,22 @@ def test_a_kept_add_in_a_forked_child_refuses_without_the_lock_a_parent_thread_h
     else:
         add("k", [1])
         shared = agg._storage._local.buffer.lock
-    held, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with shared:
-            held.set()
-            release.wait(60)
+    def in_child() -> int:
+        try:
+            add("j", [1])
+        except AggregatorClosedError:
+            return 0
+        return 1
 
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    assert held.wait(10)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() of a threaded process
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports by its exit code
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout\'s handler
-            signal.alarm(10)  # a child waiting on the lock dies of SIGALRM
-            code = 3
-            try:
-                add("j", [1])
-                code = 1
-            except AggregatorClosedError:
-                code = 0
-            finally:
-                os._exit(code)
-        deadline = time.monotonic() + 30
-        while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        release.set()
-        holder.join(10)
-    outcomes = {0: "refused", 1: "accepted", 3: "raised something else", -signal.SIGALRM: "hung"}
-    exit_code = os.waitstatus_to_exitcode(done[1]) if done[0] else None
-    assert exit_code == 0, outcomes.get(exit_code, exit_code) if exit_code is not None else "still running"
+    exit_code = fork_while_held(shared, in_child)
+    outcomes = {
+        0: "refused",
+        1: "accepted",
+        3: "raised something else",
+        -signal.SIGALRM: "hung",
+        None: "ran on",
+    }
+    assert exit_code == 0, outcomes.get(exit_code, exit_code) if exit_code is not None else "ran on"
     agg.shutdown(timeout=10)
     assert agg.drain() == [("k", [1])]

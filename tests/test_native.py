@@ -26,7 +26,7 @@ import pytest
 import aggregator_reference as ar
 from aggregator_reference import kit
 
-from .conftest import native_or_skip
+from .conftest import fork_while_held, native_or_skip
 
 native: Any = native_or_skip()
 
@@ -176,33 +176,16 @@ def test_every_compiled_path_gives_back_the_references_it_took() -> None:
 def test_a_child_forked_while_another_thread_is_in_the_probe_can_make_aggregators() -> None:
     # LIFE-3: the probe's registry lock, held by another thread at fork, must not stay held
     # in the child (the child has only the forking thread).
-    held, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with native._live_lock:
-            held.set()
-            release.wait(10)
+    def in_child() -> int:  # 0 only if it could use a new aggregator
+        agg = ar.create(lambda a, b: a + b, backend="native", flush_interval=None)
+        agg.add("k", 1)
+        agg.shutdown()
+        return 0 if agg.drain() == [("k", 1)] else 1
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(10)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
-            pid = os.fork()
-        if pid == 0:  # the child: exits with 0 only if it could use a new aggregator
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout\'s handler
-            signal.alarm(10)
-            agg = ar.create(lambda a, b: a + b, backend="native", flush_interval=None)
-            agg.add("k", 1)
-            agg.shutdown()
-            os._exit(0 if agg.drain() == [("k", 1)] else 1)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        release.set()
-        holder.join(10)
-    assert os.WIFEXITED(status), "the child hung (killed by its alarm)"
-    assert os.WEXITSTATUS(status) == 0
+    code = fork_while_held(native._live_lock, in_child)
+    assert code != -signal.SIGALRM, "the child hung (killed by its alarm)"
+    assert code == 0
 
 
 def test_aggregators_made_and_dropped_by_one_thread_leave_nothing_behind() -> None:
