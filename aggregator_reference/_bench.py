@@ -1,7 +1,8 @@
 """``python -m aggregator_reference bench``: every backend side by side, on this machine, in seconds.
 
 Each measurement runs ``writers`` threads, started together on a barrier,
-each adding ``adds`` values over ``keys`` integer keys with an ``int`` sum
+each adding ``adds`` values over ``keys`` integer keys, through an ``add``
+of its own (``aggregator.adder()``, ADD-8), with an ``int`` sum
 merge (:func:`int_sum`, a plain Python function as users write it, or
 ``operator.add`` with ``--merge operator``); throughput is all adds divided by the wall time, the
 best of ``repeats`` runs, backends interleaved so that they share the noise.
@@ -109,7 +110,7 @@ def _one_run(
         return timed(bare_dict(dict.fromkeys(range(keys), 0), merge), writers, sequence)
     aggregator: Any = create(merge, backend=backend, flush_interval=None, max_pending=max(keys, 1024))
     try:
-        return timed(adding(aggregator.add), writers, sequence)
+        return timed(adding(aggregator.adder), writers, sequence)
     finally:
         aggregator.shutdown()
         aggregator.drain()

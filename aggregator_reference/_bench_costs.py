@@ -55,10 +55,15 @@ MERGES: dict[str, Callable[[int, int], int]] = {"python": int_sum, "operator": o
 # -- writer loops: module-level functions, one attribute lookup outside the loop ----------
 
 
-def adding(add: Callable[[int, int], Any]) -> Body:
-    """A writer calling ``add(key, 1)`` for every key in its sequence."""
+def adding(make_add: Callable[[], Callable[[int, int], Any]]) -> Body:
+    """A writer calling ``add(key, 1)`` for every key in its sequence, ``add = make_add()`` its own.
+
+    Each writer thread takes its own ``add`` object, as ``adder()`` (ADD-8) gives it: on a
+    free-threaded build, threads calling one shared object contend on its reference count.
+    """
 
     def body(sequence: list[int]) -> None:
+        add = make_add()
         for key in sequence:
             add(key, 1)
 
@@ -108,7 +113,7 @@ def _process_worker(  # noqa: PLR0917 (a Process target: positional arguments)
         body = bare_dict(dict.fromkeys(range(keys), 0), merge)
     else:
         aggregator = create(merge, backend=backend, flush_interval=None)
-        body = adding(aggregator.add)
+        body = adding(aggregator.adder)
     ready.wait()
     go.wait()
     started = time.perf_counter()
@@ -241,9 +246,9 @@ def floor_breakdown(keys: int, adds: int, repeats: int, merge: str = "python") -
     probe = _FloorProbe(function, keys)
     steps: dict[str, Body] = {
         "inline d[k] = merge(d[k], v)": bare_dict(dict.fromkeys(range(keys), 0), function),
-        "method: the update only": adding(probe.update),
-        "method: + key test, return value": adding(probe.update_checked),
-        "method: + Lock acquire/release": adding(probe.update_locked),
+        "method: the update only": adding(lambda: probe.update),
+        "method: + key test, return value": adding(lambda: probe.update_checked),
+        "method: + Lock acquire/release": adding(lambda: probe.update_locked),
     }
     result: dict[str, float] = {}
     for name, body in steps.items():

@@ -87,6 +87,10 @@ class Aggregator(Protocol[K, V]):
         """``add`` each pair in order; return how many merged [ADD-7]."""
         ...
 
+    def adder(self) -> Callable[[K, V], bool]:
+        """An ``add`` for the calling thread to keep: a new object at each call [ADD-8]."""
+        ...
+
     def flush(self) -> int:
         """Hand every buffered record to the output; return how many were handed off [FLUSH-1].
 

@@ -99,7 +99,7 @@ class AddSuite:
         self.aggregators.append(aggregator)
 
         def adding() -> None:
-            add = aggregator.add
+            add = aggregator.adder()  # each writer thread its own (ADD-8)
             for key in sequence:
                 add(key, value)
 

@@ -130,14 +130,16 @@ def _child(agg: Any, backend_name: str, results: Any, kept: dict[str, Any]) -> N
     results.put(report)
 
 
-@pytest.mark.clause("LIFE-3", "LIFE-1", "CLOSE-5")
+@pytest.mark.clause("LIFE-3", "LIFE-1", "CLOSE-5", "ADD-8")
 def test_a_forked_child_cannot_deliver_the_parents_records(backend_name: str) -> None:
     agg = ar.create(operator.add, backend=backend_name, flush_interval=0.01, max_pending=2)
     for key in "abcde":
         agg.add(key, 1)  # some flushed into the output, the rest buffered
-    add, add_many = agg.add, agg.add_many  # kept, as a hot loop keeps them
+    add, add_many, adder = agg.add, agg.add_many, agg.adder()  # kept, as a hot loop keeps them
     kept = {
         "kept add": lambda: add("a", 1),
+        "kept adder()": lambda: adder("a", 1),
+        "adder() taken in the child": lambda: agg.adder()("a", 1),
         "kept add_many": lambda: add_many([("new", 1)]),
         "kept add, new key": lambda: add("new", 1),
         "kept add, new thread": lambda: _in_a_new_thread(add, "new", 1),

@@ -1,4 +1,4 @@
-"""add_many (ADD-7)."""
+"""add_many (ADD-7) and adder() (ADD-8)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,40 @@ def test_add_many_from_many_threads_gives_exact_totals(make: Factory) -> None:
         thread.join(60)
     got.update(shutdown_collecting(agg))
     assert got == Counter(dict.fromkeys(range(50), 4 * 40))
+
+
+@pytest.mark.clause("ADD-8", "ADD-1", "ADD-2", "ADD-3", "STAT-1", "CLOSE-1")
+@pytest.mark.parametrize("max_buffered", [None, 1000], ids=["unbounded", "bounded"])
+def test_adder_is_add_in_an_object_of_its_own(make: Factory, max_buffered: int | None) -> None:
+    agg = make(max_buffered=max_buffered)
+    first, second = agg.adder(), agg.adder()
+    assert first is not second  # one per writer thread: no shared object to count references on
+    assert first is not agg.add
+    assert first("k", 1) is False
+    assert second("k", 2) is True
+    assert agg.add("k", 3) is True
+    with pytest.raises(TypeError):
+        first([], 1)
+    assert (agg.stats().adds, agg.stats().merges, agg.stats().stored) == (3, 2, 1)
+    assert shutdown_collecting(agg) == {"k": 6}
+    with pytest.raises(ar.AggregatorClosedError):
+        first("k", 1)
+    with pytest.raises(ar.AggregatorClosedError):
+        agg.adder()("k", 1)
+
+
+@pytest.mark.clause("ADD-8", "THREAD-1", "CLOSE-5")
+def test_adders_of_many_threads_give_exact_totals(make: Factory) -> None:
+    agg = make(flush_interval=0.005, max_pending=64)
+
+    def write() -> None:
+        add = agg.adder()
+        for i in range(2000):
+            add(i % 50, 1)
+
+    threads = [threading.Thread(target=write, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert shutdown_collecting(agg) == dict.fromkeys(range(50), 4 * 40)
