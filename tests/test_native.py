@@ -18,6 +18,7 @@ import time
 import tracemalloc
 import warnings
 import weakref
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -101,22 +102,54 @@ def test_a_merge_run_from_c_is_user_code_of_its_storage() -> None:
     assert not kit.in_user_code_of(other)
 
 
-def test_a_buffers_state_is_a_dict_and_a_list() -> None:
+def test_a_buffers_state_is_a_dict_and_its_stamps() -> None:
     buffer = native.NativeStorage(lambda a, b: a + b).buffer_type(0)
     bad: object
-    for bad in [({}, ()), ([], []), ({},), None]:
+    for bad in [({}, ()), ({}, []), ({}, array("q")), ([], native._native.Stamps()), ({},), None]:
         with pytest.raises(TypeError, match="state"):
             buffer.state = bad
     records: dict[str, int] = {"a": 1}
-    buffer.state = (records, [5])
+    buffer.state = (records, native._native.Stamps())
     assert buffer.state[0] is records
+
+
+def test_stamps_are_a_sequence_of_int64_that_grows() -> None:
+    stamps = native._native.Stamps()
+    values = [2**63 - 1, -(2**63), -2, -1, 0, *range(1, 10_000, 7)]
+    for value in values:
+        assert stamps.append(value) is None
+    assert len(stamps) == len(values)
+    assert (stamps[0], stamps[1], stamps[len(values) - 1]) == (values[0], values[1], values[-1])
+    assert list(stamps) == values
+    with pytest.raises(IndexError):
+        stamps[len(values)]
+    with pytest.raises(OverflowError):
+        stamps.append(2**63)
+    with pytest.raises(TypeError):
+        stamps.append("1")
+    with pytest.raises(TypeError):
+        native._native.Stamps([1])
+    assert len(stamps) == len(values)  # a refused append leaves it as it was
+
+
+def test_each_new_record_gets_its_first_add_stamp_in_order() -> None:
+    storage: Any = native.NativeStorage(lambda a, b: a + b)
+    before = time.perf_counter_ns()
+    for key in "abcab":
+        storage.add(key, 1)
+    after = time.perf_counter_ns()
+    records, stamps = storage._core.buffer.state
+    assert list(records) == ["a", "b", "c"]
+    assert len(stamps) == 3
+    assert before <= stamps[0] <= stamps[1] <= stamps[2] <= after
+    storage.close()
 
 
 def test_assigning_stranded_keeps_the_same_list() -> None:
     # The owner reads the list's length while it adds, unlocked: the list must never go away.
     buffer = native.NativeStorage(lambda a, b: a + b).buffer_type(0)
     stranded = buffer.stranded
-    state: tuple[dict[str, int], list[int]] = ({"a": 1}, [1])
+    state = buffer.new_state()
     buffer.stranded = [state]
     assert buffer.stranded is stranded
     assert stranded == [state]
@@ -274,7 +307,7 @@ def rebind():
     while not stop.is_set():  # each value new, so that the one replaced dies at once
         core.buffers = (object(), i)
         core.home = {i: object()}
-        buffer.state = ({i: object()}, [i])
+        buffer.state = ({i: object()}, native._native.Stamps())
         i += 1
 
 def read():

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, MutableSequence
 from typing import Generic, TypeVar, final
 
 from aggregator_reference import kit
 
-from ._parts import _HOME, Buffer, Pairs, combine, first_stamps, logger, place, same_key, take
+from ._parts import _HOME, Buffer, Pairs, State, combine, first_stamps, logger, place, same_key, take
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -38,12 +38,12 @@ class Gathering(Generic[K, V]):
         #: Records whose key's hash raised an ``Exception`` while placed: logged, records of their own.
         self.split: list[tuple[K, V]] = []
         self._firsts: dict[K, tuple[int, K]] | None = None  # stamp and key object of each gathered record
-        self._adopted: list[int] | None = None  # the stamps of a buffer's dict adopted whole
+        self._adopted: MutableSequence[int] | None = None  # the stamps of a buffer's dict adopted whole
         self._extra: dict[K, list[Piece[K, V]]] = {}  # pieces of keys found twice
         self._combining: list[list[Piece[K, V]]] = []  # pieces out of extra and gathered
         self._unjoined: list[Piece[K, V]] | None = None  # out of extra, not yet joined
 
-    def place(self, states: list[tuple[dict[K, V], list[int]]]) -> None:
+    def place(self, states: list[State[K, V]]) -> None:
         """Place the states taken (records and their stamps), one buffer's oldest first; no merge runs."""
         for records, order in states:
             if not records:

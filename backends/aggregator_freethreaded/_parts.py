@@ -8,7 +8,8 @@ import sysconfig
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from array import array
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableSequence
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar, final
 
 import aggregator_reference as ar
@@ -22,8 +23,10 @@ FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 logger = logging.getLogger("aggregator_reference")
 
-#: A buffer's records and the stamp of the add that stored each, in insertion order.
-State = tuple[dict[K, V], list[int]]
+#: A buffer's records and the stamp of the add that stored each, in insertion order (an
+#: ``array("q")``: 8 bytes a record, where a list of ints costs 40).
+State = tuple[dict[K, V], MutableSequence[int]]
+
 
 _now = time.perf_counter_ns
 #: The stamp of a partial taken from home: older than any other partial of its key.
@@ -64,7 +67,7 @@ class Buffer(Generic[K, V]):
     that stored each one, in the records' insertion order (the owner never
     deletes a record); it is replaced whole, so that a flush takes both at once.
     Only the owner thread writes ``busy``, ``merges``, ``stored``, and writes
-    into ``state``'s dict and list; other threads replace ``state`` (taking the
+    into ``state``'s dict and stamps; other threads replace ``state`` (taking the
     records out) only while holding the storage's ``_shared`` lock, and on
     free-threaded builds also ``lock``, which the owner holds for the whole of
     each ``add``. ``allowed`` is written under the engine's bound lock (BUF-1).
@@ -77,15 +80,23 @@ class Buffer(Generic[K, V]):
     #: that marks ``busy`` with atomic operations says ``False`` on every build.
     locked: ClassVar[bool] = FREE_THREADED_BUILD
 
+    @staticmethod
+    def new_state() -> State[Any, Any]:
+        """An empty state, what a taker leaves in place of the one it takes.
+
+        The stamps are an ``array("q")``; a compiled buffer keeps them in a type of its own.
+        """
+        return {}, array("q")
+
     def __init__(self, allowed: int) -> None:
         #: ``stored`` up to which the owner may store new records without asking the
         #: engine (BUF-1); written by the owner and, to revoke, by a flush.
         self.allowed = allowed
-        self.state: tuple[dict[K, V], list[int]] = ({}, [])
+        self.state: State[K, V] = self.new_state()
         #: GIL builds: states taken out by a read or flush that then gave up waiting for the
         #: add in flight (which may still write into them), older than ``state``; guarded by
         #: the storage's ``_shared``, never touched by the owner.
-        self.stranded: list[tuple[dict[K, V], list[int]]] = []
+        self.stranded: list[State[K, V]] = []
         self.lock = threading.Lock()
         self.busy = False  # the owner is inside add(), or inside a merge run on its behalf
         self.merges = 0
@@ -155,7 +166,7 @@ def refuse_wait(call: str) -> NoReturn:
 
 
 def first_stamps(
-    gathered: dict[K, V], adopted: list[int] | None, home_keys: dict[K, K]
+    gathered: dict[K, V], adopted: MutableSequence[int] | None, home_keys: dict[K, K]
 ) -> dict[K, tuple[int, K]]:
     """The first-add stamp and key object of each gathered record: home's, or an adopted buffer's."""
     firsts: dict[K, tuple[int, K]] = {}
@@ -204,7 +215,7 @@ def place(
     firsts: dict[K, tuple[int, K]],
     extra: dict[K, list[tuple[int, int, K, V]]],
     records: dict[K, V],
-    order: list[int],
+    order: MutableSequence[int],
     *,
     orphans: list[tuple[K, V]],
     on_error: Callable[[object], None],
@@ -237,7 +248,7 @@ def take(
     ``block=False``, returns ``None`` at once instead when an add is in flight.
     """
     if buffer is me:
-        taken, me.state = me.state, ({}, [])
+        taken, me.state = me.state, me.new_state()
     elif buffer.locked:
         if not buffer.lock.acquire(False):
             if not block:
@@ -246,13 +257,13 @@ def take(
             if not kit.acquire_interruptibly(buffer.lock, wait):
                 refuse_wait("a read or flush")
         try:
-            taken, buffer.state = buffer.state, ({}, [])
+            taken, buffer.state = buffer.state, buffer.new_state()
         finally:
             buffer.lock.release()
     else:
         if buffer.busy and not block:
             return None
-        taken, buffer.state = buffer.state, ({}, [])
+        taken, buffer.state = buffer.state, buffer.new_state()
         try:
             idle = wait_until_idle(buffer, deadline)
         except BaseException:  # an interrupt while it waited (THREAD-2): keep ``taken`` as below

@@ -179,6 +179,8 @@ set_flag(int *flag, PyObject *value, const char *what)
 #define Py_END_CRITICAL_SECTION() }
 #endif
 
+#include "_stamps.h"
+
 /* A new reference to ``*slot`` (a getter's work). */
 static PyObject *
 get_object(PyObject *owner, PyObject **slot)
@@ -210,7 +212,7 @@ swap_object(PyObject *owner, PyObject **slot, PyObject *value, PyTypeObject *typ
 
 typedef struct {
     PyObject_HEAD
-    PyObject *state;    /* (records: dict, stamps: list), replaced whole by takers */
+    PyObject *state;    /* (records: dict, stamps: Stamps), replaced whole by takers */
     PyObject *stranded; /* list of older states; the same list object for good */
     PyObject *lock;     /* a threading.Lock: taken by the Python part's own merging only */
     PyObject *mark;     /* a weak reference to the owner thread's mark */
@@ -227,7 +229,7 @@ static PyObject *
 new_state(void)
 {
     PyObject *records = PyDict_New();
-    PyObject *stamps = PyList_New(0);
+    PyObject *stamps = StampsType.tp_alloc(&StampsType, 0);
     PyObject *state = NULL;
     if (records != NULL && stamps != NULL) {
         state = PyTuple_Pack(2, records, stamps);
@@ -303,8 +305,8 @@ buffer_set_state(BufferObject *self, PyObject *value, void *closure)
 {
     if (value == NULL || !PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 2
         || !PyDict_CheckExact(PyTuple_GET_ITEM(value, 0))
-        || !PyList_CheckExact(PyTuple_GET_ITEM(value, 1))) {
-        PyErr_SetString(PyExc_TypeError, "Buffer.state must be a (dict, list) tuple");
+        || !Py_IS_TYPE(PyTuple_GET_ITEM(value, 1), &StampsType)) {
+        PyErr_SetString(PyExc_TypeError, "Buffer.state must be a (dict, Stamps) tuple");
         return -1;
     }
     return swap_object((PyObject *)self, &self->state, value, &PyTuple_Type, "Buffer.state");
@@ -400,6 +402,18 @@ static PyGetSetDef buffer_getset[] = {
     {NULL},
 };
 
+static PyObject *
+buffer_new_state(PyObject *unused, PyObject *noargs)
+{
+    return new_state();
+}
+
+static PyMethodDef buffer_methods[] = {
+    {"new_state", (PyCFunction)buffer_new_state, METH_NOARGS | METH_STATIC,
+     "new_state() -> (dict, Stamps): an empty state, what a taker leaves in its place"},
+    {NULL},
+};
+
 static PyMemberDef buffer_members[] = {
     {"lock", MEMBER_OBJECT, offsetof(BufferObject, lock), MEMBER_READONLY, "a threading.Lock"},
     {NULL},
@@ -417,6 +431,7 @@ static PyTypeObject BufferType = {
     .tp_clear = (inquiry)buffer_clear,
     .tp_weaklistoffset = offsetof(BufferObject, weakrefs),
     .tp_getset = buffer_getset,
+    .tp_methods = buffer_methods,
     .tp_members = buffer_members,
 };
 
@@ -616,9 +631,9 @@ add_busy(CoreObject *self, BufferObject *buffer, PyObject *key, PyObject *value)
     if (stamp == NULL) {
         return NULL;
     }
-    int failed = PyList_Append(PyTuple_GET_ITEM(state, 1), stamp);
+    long long now = PyLong_AsLongLong(stamp);
     Py_DECREF(stamp);
-    if (failed) {
+    if ((now == -1 && PyErr_Occurred()) || stamps_push((StampsObject *)PyTuple_GET_ITEM(state, 1), now) < 0) {
         return NULL;
     }
     Py_RETURN_FALSE;
@@ -960,6 +975,7 @@ native_exec(PyObject *module)
             return -1;
         }
     }
+
     if (mark_key == NULL) {
         mark_key = PyUnicode_InternFromString("aggregator_native.ThreadMark");
         key_prefix = PyUnicode_InternFromString("aggregator_native.Core.");
@@ -967,10 +983,12 @@ native_exec(PyObject *module)
             return -1;
         }
     }
-    if (PyType_Ready(&MarkType) < 0 || PyType_Ready(&BufferType) < 0 || PyType_Ready(&CoreType) < 0) {
+    if (PyType_Ready(&MarkType) < 0 || PyType_Ready(&StampsType) < 0 || PyType_Ready(&BufferType) < 0
+        || PyType_Ready(&CoreType) < 0) {
         return -1;
     }
     if (PyModule_AddObjectRef(module, "Buffer", (PyObject *)&BufferType) < 0
+        || PyModule_AddObjectRef(module, "Stamps", (PyObject *)&StampsType) < 0
         || PyModule_AddObjectRef(module, "Core", (PyObject *)&CoreType) < 0) {
         return -1;
     }

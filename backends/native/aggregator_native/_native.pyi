@@ -9,11 +9,18 @@ V = TypeVar("V")
 
 FREE_THREADED: Final[int]
 
+class Stamps:
+    """First-add stamps of a buffer's records, 8 bytes each: a sequence of ints."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int, /) -> int: ...
+    def append(self, stamp: int, /) -> None: ...
+
 class Buffer(Generic[K, V]):
     """One thread's records; the attributes of ``aggregator_freethreaded``'s ``Buffer``."""
 
-    state: tuple[dict[K, V], list[int]]
-    stranded: list[tuple[dict[K, V], list[int]]]
+    state: tuple[dict[K, V], Stamps]
+    stranded: list[tuple[dict[K, V], Stamps]]
     busy: bool
     allowed: int
     merges: int
@@ -25,6 +32,8 @@ class Buffer(Generic[K, V]):
     @property
     def lock(self) -> threading.Lock: ...
     def __init__(self, allowed: int) -> None: ...
+    @staticmethod
+    def new_state() -> tuple[dict[Any, Any], Stamps]: ...
 
 class Core(Generic[K, V]):
     """One storage's add, and the state it reads."""
