@@ -5,6 +5,8 @@ from __future__ import annotations
 import operator
 import threading
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -55,6 +57,67 @@ def test_add_many_keeps_the_pairs_before_a_failure_and_names_it(make: Factory, b
     assert shutdown_collecting(agg) == {"k": 2, "new": 1}
 
 
+@pytest.mark.clause("ADD-7", "ADD-4", "STAT-1")
+def test_add_many_of_a_long_list_counts_every_merge_and_names_a_failure_deep_inside_it(make: Factory) -> None:
+    def merge(stored: int, incoming: Any) -> int:
+        if incoming == "boom":
+            raise ValueError("boom")
+        return stored + int(incoming)
+
+    agg = make(merge)
+    pairs: list[Any] = [("abcde"[i % 5], 1) for i in range(300)]
+    pairs[40] = ["a", 1]  # any pair, not only a tuple
+    pairs[77] = ("c", "2")  # merge sees what was given
+    pairs[150] = ("a", "boom")
+    with pytest.raises(ValueError, match="boom") as raised:
+        agg.add_many(pairs)
+    assert any("pair 150" in note for note in getattr(raised.value, "__notes__", [])), raised.value
+    assert (agg.stats().adds, agg.stats().merges, agg.stats().stored) == (150, 145, 5)
+    assert agg.add_many(pairs[151:]) == 149
+    assert shutdown_collecting(agg) == {"a": 59, "b": 60, "c": 61, "d": 60, "e": 60}
+
+
+@pytest.mark.clause("ADD-7", "CLOSE-2", "CLOSE-4")
+def test_add_many_refuses_the_pairs_after_shutdown_began_during_one_of_its_merges(make: Factory) -> None:
+    in_merge, release = threading.Event(), threading.Event()
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            in_merge.set()
+            release.wait(10)
+        return stored + incoming
+
+    agg = make(merge)
+    pairs = [("k", 1)] * 10 + [("k", 2)] + [("k", 1)] * 20
+    with ThreadPoolExecutor(1) as writer:
+        adding = writer.submit(agg.add_many, pairs)
+        assert in_merge.wait(10)
+        with pytest.raises(TimeoutError):
+            agg.shutdown(timeout=0.1)
+        release.set()
+        with pytest.raises(ar.AggregatorClosedError) as raised:
+            adding.result(10)
+    assert any("pair 11" in note for note in getattr(raised.value, "__notes__", [])), raised.value
+    assert shutdown_collecting(agg) == {"k": 12}
+
+
+@pytest.mark.clause("ADD-7", "REENTRY-1")
+@pytest.mark.parametrize("call", ["add", "flush"])
+def test_add_many_of_a_list_refuses_a_merge_that_calls_back(make: Factory, call: str) -> None:
+    agg: Any = None
+
+    def merge(stored: int, incoming: int) -> int:
+        if incoming == 2:
+            getattr(agg, call)(*{"add": ("k", 1), "flush": ()}[call])
+        return stored + incoming
+
+    agg = make(merge)
+    with pytest.raises(ar.ReentrantMergeError) as raised:
+        agg.add_many([("k", 1)] * 5 + [("k", 2)] + [("k", 1)] * 5)
+    assert any("pair 5" in note for note in getattr(raised.value, "__notes__", [])), raised.value
+    assert shutdown_collecting(agg) == {"k": 5}
+
+
 @pytest.mark.clause("ADD-7", "CLOSE-1")
 def test_add_many_after_shutdown_raises_closed(make: Factory) -> None:
     agg = make()
@@ -64,10 +127,11 @@ def test_add_many_after_shutdown_raises_closed(make: Factory) -> None:
 
 
 @pytest.mark.clause("ADD-7", "THREAD-1", "CLOSE-5")
-def test_add_many_from_many_threads_gives_exact_totals(make: Factory) -> None:
+@pytest.mark.parametrize("given", [iter, list], ids=["iterator", "list"])
+def test_add_many_from_many_threads_gives_exact_totals(make: Factory, given: Callable[[Any], Any]) -> None:
     agg = make(flush_interval=0.005, max_pending=64)
     threads = [
-        threading.Thread(target=lambda: agg.add_many((i % 50, 1) for i in range(2000)), daemon=True)
+        threading.Thread(target=lambda: agg.add_many(given([(i % 50, 1) for i in range(2000)])), daemon=True)
         for _ in range(4)
     ]
     got: Counter[Any] = Counter()

@@ -37,6 +37,7 @@ from aggregator_reference import kit
 __all__ = ["FREE_THREADED_BUILD", "FreeThreadedAggregator", "FreeThreadedStorage"]
 
 from ._gathering import Gatherer, settle_among_orphans
+from ._many import AddingMany
 from ._parts import (
     _FROM_HOME,
     FREE_THREADED_BUILD,
@@ -53,7 +54,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class FreeThreadedStorage(Gatherer[K, V]):
+class FreeThreadedStorage(AddingMany[K, V], Gatherer[K, V]):
     """A :class:`~aggregator_reference.Storage` of per-thread buffers around one shared home.
 
     Thread safety: ``add`` touches only the calling thread's buffer (and, on

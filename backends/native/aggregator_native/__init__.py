@@ -107,7 +107,7 @@ class NativeStorage(FreeThreadedStorage[K, V]):
         super().__init__(merge, shards)
         self._local = cast(Any, core)  # like a threading.local: core.buffer is this thread's buffer
         self.add = core.add
-        self.add_many = core.add_many  # the engine binds it as the aggregator's (ADD-7)
+        self.add_many = core.add_many  # type: ignore[method-assign]  # compiled; the engine binds it (ADD-7)
         with _live_lock:
             _live.add(weakref.ref(self, _live.discard))
 
