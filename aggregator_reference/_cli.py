@@ -174,7 +174,7 @@ def run_bench_command(args: argparse.Namespace, out: TextIO) -> int:
             _bench.plot(report, args.plot)
         reduction = None
         if args.sink:
-            from . import _bench_sink
+            from ._bench import sink as _bench_sink
 
             backend = args.backend[0] if args.backend else None  # the first one named, else the default
             reduction = _bench_sink.write_reduction(args.sink, args.sink_keys, backend)
@@ -190,7 +190,7 @@ def run_bench_command(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(_bench.format_table(report) + "\n")
         if reduction is not None:
-            from ._bench_sink import format_reduction
+            from ._bench.sink import format_reduction
 
             out.write("\n".join(format_reduction(reduction)) + "\n")
         if args.plot:

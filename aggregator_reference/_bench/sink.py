@@ -10,8 +10,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ._registry import create
-from .sinks import SQLiteSink
+from .._registry import create
+from ..sinks import SQLiteSink
 
 __all__ = ["SinkReduction", "write_reduction"]
 
