@@ -55,6 +55,8 @@ DEFAULT_FILES = (
     "backends/aggregator_freethreaded/__init__.py",
     "backends/aggregator_freethreaded/_parts.py",
     "backends/aggregator_freethreaded/_gathering.py",
+    "backends/aggregator_freethreaded/_many.py",
+    "aggregator_reference/_writing.py",
 )
 #: Copied into the scratch tree only if git cannot say which files belong to the checkout.
 NOT_COPIED = (
