@@ -233,6 +233,24 @@ class Delivery(Generic[K, V]):
         """
         return list(self._held)
 
+    def _forsake(self, parent: int) -> None:
+        """In a child made by ``os.fork()``: end this copy, whose consumer stayed in the parent (LIFE-3).
+
+        Its held records are the parent's (that delivery writes them); its locks
+        may have been held by a thread the child does not have, so they are new.
+        """
+        if not self._done.is_set():
+            self.error = RuntimeError(
+                f"this delivery's consumer is in the parent process (pid {parent}): a delivery "
+                "does not cross os.fork(); start one on an aggregator the child creates"
+            )
+        self._held = []
+        self._ending = threading.Lock()
+        done = threading.Event()
+        done.set()
+        self._done = done
+        self.task = None  # the parent's event loop: never to run here
+
     # -- the consumer ----------------------------------------------------------
 
     def _next_id(self) -> str:

@@ -75,6 +75,8 @@ def disown(aggregators: Iterable[BufferedAggregator[Any, Any]], parent: int) -> 
         aggregator.add = storage.add
         aggregator.__dict__.pop("add_many", None)  # the engine's, which calls add
         aggregator._output.abandon()  # its records are the parent's; consumers begun end at once
+        for delivery in aggregator._deliveries:
+            delivery._forsake(parent)  # its thread is in the parent: wait() returns at once here
         aggregator._flush_lock = threading.Lock()
         aggregator._closer_lock = threading.Lock()
         aggregator._closer = None

@@ -236,3 +236,49 @@ def test_a_records_iterator_started_before_the_fork_ends_in_the_child(backend_na
     assert got == {"records": "returned []", "batches": "returned []", "drain": "returned []"}
     rest = shutdown_collecting(agg)
     assert sorted([key for key, _ in first] + list(rest)) == ["a", "b", "c"]
+
+
+class _GatedSink:
+    """A sink whose ``write`` holds its batch until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.written: list[tuple[Any, Any]] = []
+
+    def write(self, batch: list[tuple[Any, Any]], batch_id: str, /) -> None:
+        self.entered.set()
+        self.release.wait(30)
+        self.written.extend(batch)
+
+
+@pytest.mark.clause("LIFE-3", "SINK-1")
+def test_a_delivery_begun_before_the_fork_has_ended_in_the_child(backend_name: str) -> None:
+    # The delivery's thread is in the parent, writing a batch: in the child, nothing would
+    # ever end the copy, so wait() would block forever; and its held records are the parent's.
+    agg = ar.create(operator.add, backend=backend_name, flush_interval=0.01)
+    sink = _GatedSink()
+    delivery = agg.deliver(sink, batch_size=1, max_wait=0.01)
+    try:
+        agg.add("a", 1)
+        assert sink.entered.wait(10), "the delivery never wrote"
+        report = in_a_forked_child(
+            {
+                "wait": delivery.wait,
+                "done": lambda: delivery.done,
+                "held": delivery.held,
+                "error": lambda: type(delivery.error).__name__,
+                "deliver again": lambda: agg.deliver(_GatedSink()),
+            }
+        )
+    finally:
+        sink.release.set()
+    assert report == {
+        "wait": "returned True",
+        "done": "returned True",
+        "held": "returned []",
+        "error": "returned 'RuntimeError'",
+        "deliver again": "refused",
+    }
+    agg.shutdown()
+    assert delivery.wait(10)
+    assert sink.written == [("a", 1)]  # the parent's delivery wrote it, once
