@@ -118,6 +118,74 @@ def test_add_many_of_a_list_refuses_a_merge_that_calls_back(make: Factory, call:
     assert shutdown_collecting(agg) == {"k": 5}
 
 
+class _FlushingPair:
+    """A pair whose unpacking calls ``flush()`` of the aggregator being added to: not a merge."""
+
+    def __init__(self, agg: Any, key: str, value: int) -> None:
+        self.agg, self.key, self.value = agg, key, value
+
+    def __iter__(self) -> Any:
+        self.agg.flush()
+        return iter((self.key, self.value))
+
+
+@pytest.mark.clause("ADD-7", "REENTRY-1", "CLOSE-2")
+@pytest.mark.parametrize("given", ["generator", "pair object"])
+@pytest.mark.parametrize("call", ["flush", "shutdown"])
+def test_add_many_lets_its_pairs_call_flush_and_shutdown(make: Factory, given: str, call: str) -> None:
+    # Only merge is "inside merge" (REENTRY-1): code that produces the pairs is the caller's own.
+    agg: Any = make()
+
+    def between() -> None:
+        if call == "flush":
+            agg.flush()
+        else:
+            agg.shutdown()
+
+    def generator() -> Any:
+        yield ("a", 1)
+        yield ("a", 2)
+        between()
+        yield ("a", 3)
+
+    class Pair(_FlushingPair):
+        def __iter__(self) -> Any:
+            between()
+            return iter((self.key, self.value))
+
+    pairs = generator() if given == "generator" else [("a", 1), ("a", 2), Pair(agg, "a", 3)]
+    if call == "flush":
+        assert agg.add_many(pairs) == 1  # the flush took "a" out: the third pair stores it anew
+        assert shutdown_collecting(agg) == {"a": 6}
+    else:
+        with pytest.raises(ar.AggregatorClosedError) as raised:
+            agg.add_many(pairs)
+        assert any("pair 2" in note for note in getattr(raised.value, "__notes__", [])), raised.value
+        assert agg.drain() == [("a", 3)]
+
+
+@pytest.mark.clause("ADD-7")
+@pytest.mark.parametrize("change", ["replace", "truncate", "append"])
+def test_add_many_of_a_list_that_merge_changes_adds_what_the_list_holds_when_reached(
+    make: Factory, change: str
+) -> None:
+    pairs = [("k", 1)] * 6
+
+    def merge(stored: int, incoming: int) -> int:
+        if change == "replace" and pairs[3] == ("k", 1):
+            pairs[3] = ("k", 1000)
+        elif change == "truncate" and len(pairs) > 3:
+            del pairs[3:]
+        elif change == "append" and len(pairs) < 8:
+            pairs.append(("k", 50))
+        return stored + incoming
+
+    agg = make(merge)
+    merged = agg.add_many(pairs)
+    expected = {"replace": (5, 1005), "truncate": (2, 3), "append": (7, 106)}[change]
+    assert (merged, shutdown_collecting(agg)["k"]) == expected
+
+
 @pytest.mark.clause("ADD-7", "CLOSE-1")
 def test_add_many_after_shutdown_raises_closed(make: Factory) -> None:
     agg = make()

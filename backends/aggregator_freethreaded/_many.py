@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aggregator_reference as ar
@@ -19,6 +19,10 @@ V = TypeVar("V")
 RUN = 64
 
 
+#: What :meth:`AddingMany._run` returns when the pairs ran out.
+_END: Any = object()
+
+
 class AddingMany(Generic[K, V]):
     """``add_many`` for :class:`~aggregator_freethreaded.FreeThreadedStorage`.
 
@@ -28,10 +32,12 @@ class AddingMany(Generic[K, V]):
     there under one busy mark (GIL builds) or one hold of the buffer's lock
     (free-threaded builds), up to :data:`RUN` of them, counted once at the end
     of the run. No user code but ``merge`` and the keys' ``__hash__``/``__eq__``
-    runs inside a run, as inside one ``add``: an iterable that is not a list
-    or tuple (a generator may run any code) is added one ``add`` at a time,
-    and so is a pair that is not a tuple. A run reads a copy of its part of
-    the list: a ``merge`` that changes the list meanwhile changes later runs.
+    runs inside a run, as inside one ``add``, and the list is read as a loop
+    of ``add`` reads it (a ``merge`` may change it). Any other iterable (a
+    generator runs code of its own) is added one ``add`` at a time, and so is
+    a pair that is not a tuple. Only the run is marked as holding a lock
+    (:func:`~aggregator_reference.kit.holds_locks`): code that produces or
+    unpacks the pairs is the caller's, and may flush or shut down.
     """
 
     _local: threading.local
@@ -39,48 +45,64 @@ class AddingMany(Generic[K, V]):
     _closed: bool
     add: Callable[[K, V], bool]
 
-    @kit.holds_locks
     def add_many(self, pairs: Iterable[tuple[K, V]], /) -> int:
         """``add`` each pair in order from this thread; return how many merged (ADD-7)."""
         if type(pairs) is not list and type(pairs) is not tuple:
             return ar.BufferedAggregator.add_many(self, pairs)  # type: ignore[arg-type]  # add() each
-        items: list[Any] | tuple[Any, ...] = pairs
-        add, merge = self.add, self._merge
+        add = self.add
+        iterator = iter(pairs)  # a list's or tuple's: runs no code of the caller's
         merged = index = 0
+        ran = [0]  # pairs merged by the last run, also when it raised
         try:
-            while index < len(items):
-                key, value = items[index]
+            pair = next(iterator, _END)
+            while pair is not _END:
+                key, value = pair
                 if add(key, value):
                     merged += 1
                 index += 1
-                buffer = self._local.buffer  # add() made it
-                held = buffer.lock  # named so that a wait from inside merge is bounded (kit)
-                if not buffer.locked:
-                    buffer.busy = True
-                elif not held.acquire(False):  # a flush or read has it: the next pair by add()
-                    del held
-                    continue
-                run = 0
-                try:
-                    data = buffer.state[0]
-                    for pair in items[index : index + RUN]:  # a copy: merge may change the list
-                        if type(pair) is not tuple or self._closed:
-                            break
-                        key, value = pair
-                        if key not in data:
-                            break
-                        data[key] = merge(data[key], value)
-                        run += 1
-                finally:
-                    index += run
-                    buffer.merges += run
-                    merged += run
-                    if buffer.locked:
-                        held.release()
-                    else:
-                        buffer.busy = False
-                del held
+                pair = self._run(iterator, ran)
+                index += ran[0]
+                merged += ran[0]
+                ran[0] = 0
         except Exception as exc:
+            index += ran[0]  # the run that raised merged these before the failing pair
             exc.add_note(f"add_many(): pair {index} failed; the {index} pair(s) before it stay added")
             raise
         return merged
+
+    @kit.holds_locks
+    def _run(self, iterator: Iterator[Any], ran: list[int]) -> Any:
+        """Merge the next pairs into this thread's buffer while their key is there, up to RUN.
+
+        Returns the pair it stopped at, not added (or ``_END``); ``ran[0]`` is
+        how many it merged, also when a merge raised.
+        """
+        buffer = self._local.buffer  # the add() just before made it
+        held = buffer.lock  # named so that a wait from inside merge is bounded (kit)
+        if not buffer.locked:
+            buffer.busy = True
+        elif not held.acquire(False):  # a flush or read has it: the next pair by add()
+            del held
+            return next(iterator, _END)
+        merge = self._merge
+        run = 0
+        try:
+            data = buffer.state[0]
+            for pair in iterator:
+                if type(pair) is not tuple or self._closed:
+                    return pair
+                key, value = pair
+                if key not in data:
+                    return pair
+                data[key] = merge(data[key], value)
+                run += 1
+                if run == RUN:
+                    return next(iterator, _END)
+            return _END
+        finally:
+            ran[0] = run
+            buffer.merges += run
+            if buffer.locked:
+                held.release()
+            else:
+                buffer.busy = False
