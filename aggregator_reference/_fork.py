@@ -7,6 +7,7 @@ import threading
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
+from . import _kit
 from ._errors import AggregatorClosedError
 from ._pacing import Pacer
 
@@ -64,6 +65,7 @@ def disown(aggregators: Iterable[BufferedAggregator[Any, Any]], parent: int) -> 
     exists: every lock the copies hold may be held by a thread that is not
     here, so each is replaced, never waited for.
     """
+    _kit._forked_from = parent  # an add kept from before the fork says why it is refused
     for aggregator in aggregators:
         # A reference to the old storage's add kept before the fork (``add = agg.add``) must
         # refuse too; stop_adds() returns at once (a close() could wait for a missing thread).

@@ -306,9 +306,22 @@ def holding_all(locks: Sequence[Any], call: str = "this call") -> Iterator[None]
         release_all(locks)
 
 
+#: In a child made by ``os.fork()`` from a process with aggregators, the parent's pid (set by
+#: ``_fork.disown``): an add kept from before the fork then says why its aggregator is closed.
+_forked_from: int | None = None
+
+
 def refuse_closed(call: str) -> NoReturn:
     """Raise ``AggregatorClosedError`` for ``call`` made after ``close()``."""
-    raise AggregatorClosedError(f"{call} called after shutdown() began")
+    text = f"{call} called after shutdown() began"
+    parent = _forked_from
+    if parent is not None:
+        text += (
+            f", or on an aggregator created in the parent process (pid {parent}) before os.fork(): "
+            "in this child process it is closed and its copied records belong to the parent; "
+            "create a new aggregator in the child"
+        )
+    raise AggregatorClosedError(text)
 
 
 def refuse_reentrant(call: str) -> NoReturn:

@@ -118,8 +118,8 @@ def _child(agg: Any, backend_name: str, results: Any, kept: dict[str, Any]) -> N
         try:
             call()
             report[name] = "accepted"
-        except ar.AggregatorClosedError:
-            report[name] = "refused"
+        except ar.AggregatorClosedError as exc:  # LIFE-3: saying why, not "after shutdown()"
+            report[name] = "refused, naming the parent" if "parent" in str(exc) else f"refused: {exc}"
     report["records"] = list(agg.records())
     agg.shutdown()
     own = ar.create(operator.add, backend=backend_name, flush_interval=0.01)
@@ -159,7 +159,7 @@ def test_a_forked_child_cannot_deliver_the_parents_records(backend_name: str) ->
     assert "parent" in report["add"], report["add"]
     assert "create" in report["add"], report["add"]
     assert report["own"] == [("child", 3)]
-    assert {name: report[name] for name in kept} == dict.fromkeys(kept, "refused")
+    assert {name: report[name] for name in kept} == dict.fromkeys(kept, "refused, naming the parent")
     for key in "ab":
         agg.add(key, 1)  # the parent's aggregator is unaffected
     assert shutdown_collecting(agg) == {"a": 2, "b": 2, "c": 1, "d": 1, "e": 1}
