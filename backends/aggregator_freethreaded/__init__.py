@@ -67,8 +67,10 @@ class FreeThreadedStorage(AddingMany[K, V], Gatherer[K, V]):
     ``len`` from inside ``merge`` raise ``ReentrantMergeError``, and so does
     ``add`` of any key (the thread's buffer is busy).
 
-    A compiled backend may subclass it to replace ``add`` and ``buffer_type``
-    (``aggregator_native`` does); nothing else is meant to be overridden.
+    ``add_many`` (:class:`._many.AddingMany`) merges a list's pairs in runs
+    under one busy mark. A compiled backend may subclass it to replace
+    ``add``, ``add_many`` and ``buffer_type`` (``aggregator_native`` does);
+    nothing else is meant to be overridden.
     """
 
     #: Makes the calling thread's buffer: ``buffer_type(allowed)``.
