@@ -30,8 +30,8 @@ class ForkedStorage(Generic[K, V]):
 
     def add(self, key: K, value: V, /) -> NoReturn:
         raise AggregatorClosedError(
-            f"add() on an aggregator created in the parent process (pid {self._parent}) "
-            f"before os.fork(); in this child process (pid {os.getpid()}) it is closed and its "
+            f"add() on an aggregator inherited from the parent process (pid {self._parent}) "
+            f"through os.fork(); in this child process (pid {os.getpid()}) it is closed and its "
             "copied records belong to the parent: create a new aggregator in the child"
         )
 

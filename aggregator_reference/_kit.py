@@ -306,8 +306,9 @@ def holding_all(locks: Sequence[Any], call: str = "this call") -> Iterator[None]
         release_all(locks)
 
 
-#: In a child made by ``os.fork()`` from a process with aggregators, the parent's pid (set by
-#: ``_fork.disown``): an add kept from before the fork then says why its aggregator is closed.
+#: In a process made by ``os.fork()``, the parent's pid (set by ``_fork.disown``): a refused
+#: add then also says that aggregators inherited through the fork are closed, which is why an
+#: ``add`` kept from before the fork is refused there though nobody called ``shutdown()``.
 _forked_from: int | None = None
 
 
@@ -317,9 +318,9 @@ def refuse_closed(call: str) -> NoReturn:
     parent = _forked_from
     if parent is not None:
         text += (
-            f", or on an aggregator created in the parent process (pid {parent}) before os.fork(): "
-            "in this child process it is closed and its copied records belong to the parent; "
-            "create a new aggregator in the child"
+            f"; this process was forked from pid {parent}, and every aggregator inherited from "
+            "the parent is closed here (its copied records belong to the parent): create new "
+            "aggregators in the child"
         )
     raise AggregatorClosedError(text)
 
