@@ -144,6 +144,23 @@ SHUTDOWN_LIMIT = 60.0
 GRACE = 5.0
 
 
+class StallingMerge:
+    """An ``int`` sum that, merging an incoming ``2``, sets ``entered`` and waits for ``release``.
+
+    The merge in flight that shutdown, flush and add tests race against; it waits at most
+    ``bound`` seconds, so that a test that never releases it still ends.
+    """
+
+    def __init__(self, bound: float = 10.0) -> None:
+        self.entered, self.release, self.bound = threading.Event(), threading.Event(), bound
+
+    def __call__(self, stored: int, incoming: int) -> int:
+        if incoming == 2:
+            self.entered.set()
+            self.release.wait(self.bound)
+        return stored + incoming
+
+
 def describe(aggregator: Any) -> str:
     """What ``aggregator`` still holds, read without waiting on a wedged backend."""
     pending = peek(lambda: aggregator.pending)

@@ -17,7 +17,7 @@ import pytest
 import aggregator_reference as ar
 
 from ._waits import call_bounded
-from .conftest import Factory, run_threads, shutdown_collecting
+from .conftest import Factory, StallingMerge, run_threads, shutdown_collecting
 
 
 @pytest.mark.clause("ADD-1", "ADD-2")
@@ -515,13 +515,8 @@ def an_add_in_flight(make: Factory) -> tuple[Any, Callable[[], None]]:
 
     Returns it and ``finish()``, which lets the merge return and waits for the writer.
     """
-    in_merge, release = threading.Event(), threading.Event()
-
-    def merge(stored: int, incoming: int) -> int:
-        if incoming == 2:
-            in_merge.set()
-            release.wait(3)
-        return stored + incoming
+    merge = StallingMerge(bound=3)
+    in_merge, release = merge.entered, merge.release
 
     agg = make(merge)
     writer = threading.Thread(target=lambda: [agg.add("k", value) for value in (1, 2)])

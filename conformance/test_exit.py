@@ -11,13 +11,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
 from aggregator_reference import _exit
 
-from .conftest import Factory, fold_records
+from .conftest import Factory, StallingMerge, fold_records
 
 #: Seconds a child interpreter gets to exit before the test fails: far above any bound it uses.
 CHILD_LIMIT = 60.0
@@ -353,13 +352,8 @@ def test_a_shutdown_waiting_for_a_consumer_warns_with_counts(
 def test_a_shutdown_waiting_for_a_merge_warns(
     make: Factory, warnings_seen: _Counter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    in_merge, release = threading.Event(), threading.Event()
-
-    def merge(stored: Any, incoming: Any) -> Any:
-        if incoming == 2:
-            in_merge.set()
-            release.wait(30)
-        return stored + incoming
+    merge = StallingMerge(bound=30)
+    in_merge, release = merge.entered, merge.release
 
     warnings_seen.about = "merge is still running"
     agg = make(merge)

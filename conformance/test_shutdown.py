@@ -17,7 +17,7 @@ import pytest
 import aggregator_reference as ar
 
 from ._waits import call_bounded
-from .conftest import Factory, fold_records, run_threads, shutdown_collecting
+from .conftest import Factory, StallingMerge, fold_records, run_threads, shutdown_collecting
 from .test_exit import run_child
 
 #: CLOSE-4's "within about t" for ``timeout=0.1``: the room a loaded machine needs to run the
@@ -182,13 +182,8 @@ def test_dropping_a_shut_down_aggregator_is_silent(backend_name: str) -> None:
 
 @pytest.mark.clause("CLOSE-4", "CLOSE-2", "CLOSE-5")
 def test_shutdown_timeout_bounds_a_merge_in_flight(make: Factory) -> None:
-    in_merge, release = threading.Event(), threading.Event()
-
-    def merge(stored: int, incoming: int) -> int:
-        if incoming == 2:
-            in_merge.set()
-            release.wait(10)  # a slow merge, far longer than the timeout below
-        return stored + incoming
+    merge = StallingMerge()  # a slow merge, far longer than the timeout below
+    in_merge, release = merge.entered, merge.release
 
     agg = make(merge)
     with ThreadPoolExecutor(1) as writer:
@@ -218,13 +213,8 @@ def test_adds_begun_after_a_timed_out_shutdown_are_refused_while_the_merge_runs_
     # hash to themselves: on a backend with a lock per stripe or shard, the merge in flight
     # holds key 0's and the late keys' are free, so an add that shutdown() did not refuse
     # before it began to wait for that merge succeeds at once.
-    in_merge, release = threading.Event(), threading.Event()
-
-    def merge(stored: int, incoming: int) -> int:
-        if incoming == 2:
-            in_merge.set()
-            release.wait(10)
-        return stored + incoming
+    merge = StallingMerge()
+    in_merge, release = merge.entered, merge.release
 
     agg = make(merge)
     with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(4) as late:
@@ -442,13 +432,8 @@ def test_adds_after_a_timed_out_shutdown_are_refused_while_a_merge_into_a_read_r
     # As above, but the key was read first: a backend that moves read records to a shared
     # place runs the merge that takes k from there holding what its own close waits for.
     # shutdown() has begun all the same: adds are refused at once (CLOSE-4).
-    in_merge, release = threading.Event(), threading.Event()
-
-    def merge(stored: int, incoming: int) -> int:
-        if incoming == 2:
-            in_merge.set()
-            release.wait(10)
-        return stored + incoming
+    merge = StallingMerge()
+    in_merge, release = merge.entered, merge.release
 
     agg = make(merge)
     with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(1) as late:

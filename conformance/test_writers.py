@@ -13,7 +13,7 @@ import pytest
 
 import aggregator_reference as ar
 
-from .conftest import Factory, shutdown_collecting
+from .conftest import Factory, StallingMerge, shutdown_collecting
 
 
 @pytest.mark.clause("ADD-7", "ADD-1", "STAT-1")
@@ -79,13 +79,8 @@ def test_add_many_of_a_long_list_counts_every_merge_and_names_a_failure_deep_ins
 
 @pytest.mark.clause("ADD-7", "CLOSE-2", "CLOSE-4")
 def test_add_many_refuses_the_pairs_after_shutdown_began_during_one_of_its_merges(make: Factory) -> None:
-    in_merge, release = threading.Event(), threading.Event()
-
-    def merge(stored: int, incoming: int) -> int:
-        if incoming == 2:
-            in_merge.set()
-            release.wait(10)
-        return stored + incoming
+    merge = StallingMerge()
+    in_merge, release = merge.entered, merge.release
 
     agg = make(merge)
     pairs = [("k", 1)] * 10 + [("k", 2)] + [("k", 1)] * 20

@@ -18,7 +18,6 @@ V = TypeVar("V")
 #: for the rest of the run, as it waits for one ``add``.
 RUN = 64
 
-
 #: What :meth:`AddingMany._run` returns when the pairs ran out.
 _END: Any = object()
 

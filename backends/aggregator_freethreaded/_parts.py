@@ -27,7 +27,6 @@ logger = logging.getLogger("aggregator_reference")
 #: ``array("q")``: 8 bytes a record, where a list of ints costs 40).
 State = tuple[dict[K, V], MutableSequence[int]]
 
-
 _now = time.perf_counter_ns
 #: The stamp of a partial taken from home: older than any other partial of its key.
 _FROM_HOME = -1

@@ -975,7 +975,6 @@ native_exec(PyObject *module)
             return -1;
         }
     }
-
     if (mark_key == NULL) {
         mark_key = PyUnicode_InternFromString("aggregator_native.ThreadMark");
         key_prefix = PyUnicode_InternFromString("aggregator_native.Core.");
